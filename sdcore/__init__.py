@@ -1,0 +1,1 @@
+"""sdcore: a minimal, readable PyTorch implementation of Stable Diffusion img2img and inpainting."""

@@ -16,6 +16,7 @@ import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,6 +66,7 @@ class StableDiffusionModel:
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoders: list[torch.nn.Module]
+    tokenizer: Any
     alphas_cumprod: torch.Tensor
     device: torch.device
     dtype: torch.dtype
@@ -331,7 +333,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
       vae_dtype: compute dtype of the VAE (float32 by default).
     Raises CheckpointError for unreadable, hostile, unrecognised or mismatching files (keys listed).
     """
-    from .models.text import TextEncoder, hf_to_open_clip
+    from .models.text import TextEncoder, hf_to_open_clip, load_tokenizer
     from .models.unet import UNetModel
     from .models.vae import AutoencoderKL
     from .sampling.denoisers import sd_alphas_cumprod
@@ -361,6 +363,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     vae = build_module(AutoencoderKL, fam.vae, sub_state_dict(sd, VAE), "VAE", device, vae_dtype, path)
     text_sd = hf_to_open_clip(sub_state_dict(sd, SD1_TEXT))
     text = build_module(TextEncoder, fam.text[0], text_sd, "text encoder", device, dtype, path)
-    return StableDiffusionModel(family=fam, unet=unet, vae=vae, text_encoders=[text],
+    return StableDiffusionModel(family=fam, unet=unet, vae=vae, text_encoders=[text], tokenizer=load_tokenizer(),
                                 alphas_cumprod=alphas.float().cpu(), device=device, dtype=dtype, vae_dtype=vae_dtype,
                                 path=path, reasons=reasons)

@@ -1,0 +1,650 @@
+"""A1111's img2img / inpainting job: `StableDiffusionProcessingImg2Img`, `process_images`, `Processed`.
+
+Follows AUTOMATIC1111 stable-diffusion-webui v1.10.1 `modules/processing.py` (see shared/spec/a1111-img2img.md,
+cited below as "spec N"). One job:
+
+    init()    images -> resize/crop/fill -> VAE encode -> init_latent [B,4,H/8,W/8];
+              mask -> blur -> latent mask (nmask = regenerate, mask = keep); image_conditioning
+    sample()  sigmas for `steps`; t_enc = int(min(denoising_strength, 0.999) * steps);
+              sigma_sched = sigmas[steps - t_enc - 1:]; xi = init_latent + noise * sigma_sched[0];
+              sampler over sigma_sched with CFG, denoised = init_latent * mask + denoised * nmask after each call;
+              samples = samples * nmask + init_latent * mask
+    decode    VAE decode -> pixels; colour correction; overlay of the original through the blurred mask
+
+Glossary: B batch, C latent channels (4), H x W pixels, h x w = H/8 x W/8 latent cells; sigma is the noise standard
+deviation of k-diffusion's parameterisation x = x0 + sigma * eps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from . import images, infotext, rng
+from .checkpoint import StableDiffusionModel
+from .sampling import schedules
+from .sampling.denoisers import CFGDenoiser, CompVisDenoiser
+from .sampling.samplers import SamplerInfo, find_sampler
+
+VERSION = "sdcore-0.1.0"
+
+
+@dataclass(frozen=True)
+class Options:
+    """A1111 global settings that change img2img numbers, as explicit parameters with the reference defaults.
+
+    Names are the option names of `modules/shared_options.py` (spec 1, "Relevant global options"). One deliberate
+    difference: `randn_source` defaults to "CPU" (A1111: "GPU"), so the same seed gives the same image on every
+    device; "GPU" draws on the model's device, "NV" uses the Philox generator (spec 8.3).
+    """
+
+    img2img_fix_steps: bool = False
+    img2img_color_correction: bool = False
+    img2img_background_color: str = "#ffffff"
+    inpainting_mask_weight: float = 1.0
+    img2img_extra_noise: float = 0.0
+    overlay_inpaint: bool = True
+    initial_noise_multiplier: float = 1.0
+    eta_noise_seed_delta: int = 0
+    randn_source: str = "CPU"
+    eta_ancestral: float = 1.0
+    eta_ddim: float = 0.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0  # 0 means infinity (fill_fields_from_opts)
+    s_noise: float = 1.0
+    s_min_uncond: float = 0.0
+    CLIP_stop_at_last_layers: int = 1
+    emphasis: str = "Original"
+    sigma_min: float = 0.0  # 0 = the model's
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    always_discard_next_to_last_sigma: bool = False
+    use_old_karras_scheduler_sigmas: bool = False
+    vae_encode_sample: bool = True  # A1111 samples the VAE posterior (seeded here per image); False = its mean
+
+
+@dataclass
+class StableDiffusionProcessing:
+    """Fields shared by txt2img and img2img (A1111 `StableDiffusionProcessing`, spec 1).
+
+    Values: `width`, `height` in pixels (multiples of 8); `steps` >= 1; `cfg_scale` the classifier-free guidance
+    scale; `seed` -1 = random; `subseed_strength` in [0, 1]; `eta` None = option default.
+    Fields A1111 has but sdcore does not implement raise NotImplementedError when set to a non-default value.
+    """
+
+    sd_model: StableDiffusionModel | None = None
+    outpath_samples: str | None = None
+    outpath_grids: str | None = None
+    prompt: str | list[str] = ""
+    prompt_for_display: str | None = None
+    negative_prompt: str | list[str] = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    seed_enable_extras: bool = True
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    extra_generation_params: dict[str, Any] | None = None
+    overlay_images: list | None = None
+    eta: float | None = None
+    do_not_reload_embeddings: bool = False
+    denoising_strength: float | None = None
+    ddim_discretize: str | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    sampler_index: int | None = None
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    token_merging_ratio: float = 0
+    token_merging_ratio_hr: float = 0
+    disable_extra_networks: bool = False
+    firstpass_image: Image.Image | None = None
+    comments: dict | None = None
+    opts: Options = field(default_factory=Options)
+
+    # Internal state set by process_images / init / sample (A1111 names).
+    sampler: SamplerInfo | None = field(default=None, init=False)
+    is_using_inpainting_conditioning: bool = field(default=False, init=False)
+    paste_to: tuple | None = field(default=None, init=False)
+    color_corrections: list | None = field(default=None, init=False)
+    all_prompts: list[str] | None = field(default=None, init=False)
+    all_negative_prompts: list[str] | None = field(default=None, init=False)
+    all_seeds: list[int] | None = field(default=None, init=False)
+    all_subseeds: list[int] | None = field(default=None, init=False)
+
+    # Fields accepted for signature compatibility whose non-default values sdcore cannot honour.
+    _NOT_IMPLEMENTED = {
+        "styles": (None, []), "restore_faces": (None, False), "tiling": (None, False),
+        "ddim_discretize": (None, "uniform"), "sampler_index": (None,), "refiner_checkpoint": (None,),
+        "refiner_switch_at": (None,), "token_merging_ratio": (0, 0.0), "token_merging_ratio_hr": (0, 0.0),
+        "firstpass_image": (None,),
+    }
+
+    def __post_init__(self):
+        if self.override_settings:
+            unknown = sorted(set(self.override_settings) - {f.name for f in dataclasses.fields(Options)})
+            if unknown:
+                raise ValueError(f"override_settings: unknown option(s) {unknown}; allowed: "
+                                 f"{[f.name for f in dataclasses.fields(Options)]}")
+            self.opts = dataclasses.replace(self.opts, **self.override_settings)
+        if not self.seed_enable_extras:
+            self.subseed, self.subseed_strength, self.seed_resize_from_h, self.seed_resize_from_w = -1, 0, 0, 0
+        if self.extra_generation_params is None:
+            self.extra_generation_params = {}
+        if self.comments is None:
+            self.comments = {}
+
+    def validate(self) -> None:
+        """Raise ValueError / NotImplementedError for values outside what the reference allows."""
+        for name, defaults in self._NOT_IMPLEMENTED.items():
+            value = getattr(self, name)
+            if not any(value is d or value == d for d in defaults):
+                raise NotImplementedError(f"{name}={value!r} is not implemented in sdcore (allowed: {defaults[0]!r})")
+        if self.sd_model is None:
+            raise ValueError("sd_model: None; pass the model returned by sdcore.load_checkpoint")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 8 or v % 8:
+                raise ValueError(f"{name}: {v!r}; must be a positive multiple of 8 (pixels)")
+        for name, lo in (("steps", 1), ("batch_size", 1), ("n_iter", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: {v!r}; must be an integer >= {lo}")
+        if not 0 <= self.subseed_strength <= 1:
+            raise ValueError(f"subseed_strength: {self.subseed_strength}; must be in [0, 1]")
+        if self.opts.randn_source not in ("CPU", "GPU", "NV"):
+            raise ValueError(f"opts.randn_source: {self.opts.randn_source!r}; allowed: 'CPU', 'GPU', 'NV'")
+
+    # -- prompts and seeds (spec 8.1, 9 step 1) ------------------------------------------------------------------
+
+    def setup_prompts(self) -> None:
+        """`all_prompts` / `all_negative_prompts`: batch_size * n_iter entries (a str is repeated)."""
+        n = self.batch_size * self.n_iter
+        self.all_prompts = _expand(self.prompt, n, "prompt")
+        self.all_negative_prompts = _expand(self.negative_prompt, n, "negative_prompt")
+
+    def setup_seeds(self) -> None:
+        """Resolve -1 seeds and build `all_seeds` / `all_subseeds` (spec 8.1)."""
+        n = self.batch_size * self.n_iter
+        seed, subseed = rng.get_fixed_seed(self.seed), rng.get_fixed_seed(self.subseed)
+        self.seed, self.subseed = seed, subseed
+        self.all_seeds = [seed if self.subseed_strength else seed + k for k in range(n)]
+        self.all_subseeds = [subseed + k for k in range(n)]
+
+    def make_rng(self, seeds: list[int], subseeds: list[int]) -> rng.ImageRNG:
+        """The per-iteration noise source (spec 8.2): one generator per image seed."""
+        sd = self.sd_model
+        return rng.ImageRNG((sd.family.unet.out_channels, self.height // 8, self.width // 8), seeds,
+                            subseeds=subseeds, subseed_strength=self.subseed_strength,
+                            seed_resize_from_h=self.seed_resize_from_h, seed_resize_from_w=self.seed_resize_from_w,
+                            source=self.opts.randn_source, device=sd.device,
+                            eta_noise_seed_delta=self.opts.eta_noise_seed_delta)
+
+    # -- VAE ---------------------------------------------------------------------------------------------------
+
+    def encode_first_stage(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Scaled latents [B,C,h,w] of pixels [B,3,H,W] in [-1, 1] (LDM `get_first_stage_encoding`, spec 2.7).
+
+        Each image is encoded on its own (as A1111 does for batches); the posterior sample of image i draws from a
+        generator seeded with `seeds[i]`, so the encode is reproducible (A1111 uses the unseeded global RNG).
+        """
+        sd = self.sd_model
+        out = []
+        for i, px in enumerate(pixels):
+            dist = sd.vae.encode(px[None].to(sd.device, sd.vae_dtype))
+            if self.opts.vae_encode_sample:
+                g = torch.Generator(device=sd.device).manual_seed(int(seeds[i % len(seeds)]))
+                z = dist.sample(generator=g)
+            else:
+                z = dist.mode()
+            out.append(z * sd.family.vae.scale_factor)
+        return torch.cat(out).float()
+
+    def decode_first_stage(self, latents: torch.Tensor) -> list[Image.Image]:
+        """PIL RGB images from scaled latents (spec 7.2: one at a time, (x+1)/2 clamped, x255, truncated to uint8)."""
+        sd = self.sd_model
+        result = []
+        for z in latents:
+            x = sd.vae.decode((z[None] / sd.family.vae.scale_factor).to(sd.device, sd.vae_dtype)).float()
+            if torch.isnan(x).any():
+                raise FloatingPointError(f"VAE decode produced NaN in {sd.vae_dtype}; run with vae_dtype=float32")
+            x = torch.clamp((x[0] + 1) / 2, 0, 1)
+            arr = (255.0 * x.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)
+            result.append(Image.fromarray(arr))
+        return result
+
+    # -- text -----------------------------------------------------------------------------------------------------
+
+    def get_conds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Cross-attention conditioning {"c_crossattn": [B, 77*k, C]} for a batch of prompts (spec 11)."""
+        from .prompts import encode_prompts
+
+        sd = self.sd_model
+        with torch.no_grad():
+            c = encode_prompts(sd.text_encoders[0], sd.tokenizer, prompts, clip_skip=self.opts.CLIP_stop_at_last_layers,
+                               emphasis=self.opts.emphasis)
+        return {"c_crossattn": c.to(sd.device)}
+
+    # -- sampler ------------------------------------------------------------------------------------------------
+
+    def sampler_kwargs(self, function) -> dict[str, Any]:
+        """Keyword options A1111 passes to a k-diffusion function, taken from p or the options (spec 6.5)."""
+        params = inspect.signature(function).parameters
+        kw = {}
+        if "eta" in params:
+            kw["eta"] = self.eta if self.eta is not None else self.opts.eta_ancestral
+        for name in self.sampler.extra_params:
+            if name == "eta":
+                continue
+            value = getattr(self, name)
+            if value is None:
+                value = getattr(self.opts, name)
+                if name == "s_tmax" and value == 0:
+                    value = float("inf")
+            kw[name] = value
+        if self.sampler.solver_type and "solver_type" in params:
+            kw["solver_type"] = self.sampler.solver_type
+        return kw
+
+    def get_sigmas(self, steps: int) -> torch.Tensor:
+        """Noise levels for `steps` (spec 10.2): `steps + 1` values ending in 0 for most schedulers."""
+        sd, o = self.sd_model, self.opts
+        sched = self.denoiser_schedule()
+        sigma_min = o.sigma_min or (0.1 if o.use_old_karras_scheduler_sigmas else None)
+        sigma_max = o.sigma_max or (10.0 if o.use_old_karras_scheduler_sigmas else None)
+        return schedules.get_sigmas(self.scheduler or "automatic", steps, sched,
+                                    default_scheduler=self.sampler.scheduler,
+                                    discard_next_to_last_sigma=self.sampler.discard_next_to_last_sigma
+                                    or o.always_discard_next_to_last_sigma,
+                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=o.rho or None,
+                                    is_sdxl=sd.family.name.startswith("sdxl"))
+
+    def denoiser_schedule(self):
+        from .sampling.denoisers import DiscreteSchedule
+
+        return DiscreteSchedule(self.sd_model.alphas_cumprod)
+
+    def make_denoiser(self) -> CFGDenoiser:
+        sd = self.sd_model
+        inner = CompVisDenoiser(sd.apply_model, sd.alphas_cumprod.to(sd.device), prediction=sd.family.prediction)
+        return CFGDenoiser(inner, mask=getattr(self, "mask", None), nmask=getattr(self, "nmask", None),
+                           init_latent=getattr(self, "init_latent", None))
+
+    def noise_sampler(self, x: torch.Tensor, sigmas: torch.Tensor, noise: rng.ImageRNG, seeds: list[int]):
+        """Per-step noise: the image RNG's next draw (A1111's randn_like proxy), or a per-image Brownian tree."""
+        if self.sampler.brownian_noise:
+            from .sampling.samplers import BrownianTreeNoiseSampler
+
+            positive = sigmas[sigmas > 0]
+            return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seeds=seeds)
+        return lambda sigma, sigma_next: noise.next().to(x.dtype)
+
+
+def _expand(value: str | list[str], n: int, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value] * n
+    if isinstance(value, list) and len(value) == n and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{name}: must be a str or a list of batch_size * n_iter = {n} str; got {value!r:.80}")
+
+
+@dataclass
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    """img2img and inpainting (A1111 `StableDiffusionProcessingImg2Img`, spec 1-2, 6).
+
+    Fields (spec 1): `init_images` list of PIL images (any size; resized per `resize_mode` 0 just resize,
+    1 crop and resize, 2 resize and fill, 3 just resize in latent space); `denoising_strength` in [0, 1];
+    `mask` PIL image, white (255) = regenerate, black = keep (RGBA: its alpha, when not fully opaque);
+    `mask_blur_x/y` Gaussian sigma in pixels (`mask_blur` sets both); `inpainting_fill` 0 fill, 1 original,
+    2 latent noise, 3 latent nothing; `inpaint_full_res` True = "Only masked" with `inpaint_full_res_padding` pixels;
+    `inpainting_mask_invert` 1 = inpaint what is not masked; `image_cfg_scale` for instruct-pix2pix only.
+    After `init()`: `init_latent` [B,4,h,w], `mask` / `nmask` [1 or B,4,h,w] (keep / regenerate weights),
+    `image_conditioning` [B,5,h,w] for 9-channel models else None, `overlay_images`, `mask_for_overlay`.
+    """
+
+    init_images: list | None = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: Any = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: Any = None
+    force_task_id: str | None = None
+
+    image_mask: Any = field(default=None, init=False)
+    nmask: torch.Tensor | None = field(default=None, init=False)
+    image_conditioning: torch.Tensor | None = field(default=None, init=False)
+    init_img_hash: str | None = field(default=None, init=False)
+    mask_for_overlay: Image.Image | None = field(default=None, init=False)
+    init_latent: torch.Tensor | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.image_mask = self.mask
+        self.mask = None
+        if self.mask_blur is not None:
+            self.mask_blur_x = self.mask_blur_y = self.mask_blur
+        if self.initial_noise_multiplier is None:
+            self.initial_noise_multiplier = self.opts.initial_noise_multiplier
+        if self.force_task_id is not None:
+            self.extra_generation_params["Task ID"] = self.force_task_id
+
+    @property
+    def mask_blur_value(self) -> int | None:
+        """A1111's `mask_blur` property: the blur when x == y, else None."""
+        return self.mask_blur_x if self.mask_blur_x == self.mask_blur_y else None
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.init_images:
+            raise ValueError("init_images: empty; img2img needs at least one PIL image")
+        for i, im in enumerate(self.init_images):
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"init_images[{i}]: {type(im).__name__}; must be a PIL.Image.Image")
+        if len(self.init_images) > self.batch_size and len(self.init_images) > 1:
+            raise ValueError(f"init_images: {len(self.init_images)} images but batch_size is {self.batch_size} "
+                             "(A1111: 'bad number of images passed')")
+        if not isinstance(self.denoising_strength, (int, float)) or not 0 <= self.denoising_strength <= 1:
+            raise ValueError(f"denoising_strength: {self.denoising_strength!r}; must be in [0, 1]")
+        if self.resize_mode not in (0, 1, 2, 3):
+            raise ValueError(f"resize_mode: {self.resize_mode!r}; allowed: 0 just resize, 1 crop and resize, "
+                             "2 resize and fill, 3 just resize (latent upscale)")
+        if self.inpainting_fill not in (0, 1, 2, 3):
+            raise ValueError(f"inpainting_fill: {self.inpainting_fill!r}; allowed: 0 fill, 1 original, "
+                             "2 latent noise, 3 latent nothing")
+        for name in ("mask_blur_x", "mask_blur_y", "inpaint_full_res_padding"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name}: {v!r}; must be >= 0 (pixels)")
+        if self.inpainting_mask_invert not in (0, 1, False, True):
+            raise ValueError(f"inpainting_mask_invert: {self.inpainting_mask_invert!r}; allowed: 0, 1")
+        if self.image_mask is not None and not isinstance(self.image_mask, Image.Image):
+            raise TypeError(f"mask: {type(self.image_mask).__name__}; must be a PIL.Image.Image")
+        if self.image_mask is not None and self.image_mask.size != self.init_images[0].size:
+            raise ValueError(f"mask: size {self.image_mask.size} differs from init_images[0] size "
+                             f"{self.init_images[0].size}")
+
+    # -- init (spec 2) -------------------------------------------------------------------------------------------
+
+    def init(self, all_prompts: list[str], all_seeds: list[int], all_subseeds: list[int]) -> None:
+        """Prepare init_latent, the masks, overlays and image conditioning (spec 2, in the reference's order)."""
+        sd = self.sd_model
+        self.extra_generation_params["Denoising strength"] = self.denoising_strength
+        if self.image_cfg_scale is not None and sd.family.conditioning != "edit":
+            self.image_cfg_scale = None
+        crop_region = None
+        image_mask = self.image_mask
+        if image_mask is not None:
+            image_mask = images.create_binary_mask(image_mask, round=self.mask_round)
+            if self.inpainting_mask_invert:
+                image_mask = ImageOps.invert(image_mask)
+                self.extra_generation_params["Mask mode"] = "Inpaint not masked"
+            if self.mask_blur_x > 0 or self.mask_blur_y > 0:
+                image_mask = images.blur_mask(image_mask, self.mask_blur_x, self.mask_blur_y)
+                self.extra_generation_params["Mask blur"] = self.mask_blur_value
+            if self.inpaint_full_res:
+                self.mask_for_overlay = image_mask
+                crop_region = images.get_crop_region_v2(image_mask, self.inpaint_full_res_padding)
+                if crop_region is not None:
+                    crop_region = images.expand_crop_region(crop_region, self.width, self.height,
+                                                            image_mask.width, image_mask.height)
+                    x1, y1, x2, y2 = crop_region
+                    image_mask = images.resize_image(2, image_mask.crop(crop_region), self.width, self.height)
+                    self.paste_to = (x1, y1, x2 - x1, y2 - y1)
+                    self.extra_generation_params["Inpaint area"] = "Only masked"
+                    self.extra_generation_params["Masked area padding"] = self.inpaint_full_res_padding
+                else:
+                    image_mask = None
+                    self.mask_for_overlay = None
+                    self.inpaint_full_res = False
+                    self.comments["blank mask"] = ('Unable to perform "Inpaint Only mask" because mask is blank, '
+                                                   "switch to img2img mode.")
+            else:
+                image_mask = images.resize_image(self.resize_mode, image_mask, self.width, self.height)
+                self.mask_for_overlay = images.double_mask_for_overlay(image_mask)
+            self.overlay_images = []
+        self.image_mask = image_mask
+        latent_mask = self.latent_mask if self.latent_mask is not None else image_mask
+
+        if self.opts.img2img_color_correction and self.color_corrections is None:
+            self.color_corrections = []
+        imgs = []
+        for img in self.init_images:
+            self.init_img_hash = hashlib.md5(img.tobytes()).hexdigest()
+            image = images.flatten(img, self.opts.img2img_background_color)
+            if crop_region is None and self.resize_mode != 3:
+                image = images.resize_image(self.resize_mode, image, self.width, self.height)
+            if image_mask is not None:
+                overlay_mask = self.mask_for_overlay
+                if overlay_mask.size != image.size:
+                    overlay_mask = images.resize_image(self.resize_mode, overlay_mask, image.width, image.height)
+                    overlay_mask = overlay_mask.convert("L")
+                self.overlay_images.append(images.make_overlay(image, overlay_mask))
+            if crop_region is not None:
+                image = images.resize_image(2, image.crop(crop_region), self.width, self.height)
+            if image_mask is not None and self.inpainting_fill != 1:
+                image = images.fill(image, latent_mask.convert("L"))
+                if self.inpainting_fill == 0:
+                    self.extra_generation_params["Masked content"] = "fill"
+            if self.color_corrections is not None:
+                self.color_corrections.append(images.setup_color_correction(image))
+            imgs.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+
+        if len(imgs) == 1:
+            imgs = imgs * self.batch_size
+            if self.overlay_images:
+                self.overlay_images = self.overlay_images * self.batch_size
+            if self.color_corrections:
+                self.color_corrections = self.color_corrections * self.batch_size
+        elif len(imgs) <= self.batch_size:
+            self.batch_size = len(imgs)
+        else:
+            raise RuntimeError(f"bad number of images passed: {len(imgs)}; expecting {self.batch_size} or less")
+
+        pixels = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
+        source = (2.0 * pixels - 1.0).to(sd.device)
+        self.init_latent = self.encode_first_stage(source, all_seeds)
+        if self.resize_mode == 3:
+            self.init_latent = F.interpolate(self.init_latent, size=(self.height // 8, self.width // 8),
+                                             mode="bilinear")
+        if image_mask is not None:
+            h, w = self.init_latent.shape[2:]
+            latmask = images.latent_mask(latent_mask, w, h, round=self.mask_round).to(sd.device)
+            latmask = latmask.expand(1, self.init_latent.shape[1], h, w).float()
+            self.mask = 1.0 - latmask
+            self.nmask = latmask
+            if self.inpainting_fill == 2:
+                noise = rng.ImageRNG(tuple(self.init_latent.shape[1:]), all_seeds[: self.init_latent.shape[0]],
+                                     source=self.opts.randn_source, device=sd.device).next()
+                self.init_latent = self.init_latent * self.mask + noise.float() * self.nmask
+                self.extra_generation_params["Masked content"] = "latent noise"
+            elif self.inpainting_fill == 3:
+                self.init_latent = self.init_latent * self.mask
+                self.extra_generation_params["Masked content"] = "latent nothing"
+        self.image_conditioning = self.img2img_image_conditioning(source, self.init_latent, image_mask, all_seeds)
+
+    def img2img_image_conditioning(self, source: torch.Tensor, latent: torch.Tensor, image_mask: Image.Image | None,
+                                   seeds: list[int]) -> torch.Tensor | None:
+        """c_concat for 9-channel inpainting UNets (spec 5.1): [B, 1 + 4, h, w] = mask, masked-image latent.
+
+        `source` [B,3,H,W] in [-1,1]. cmask is the processing mask (1 = regenerate), rounded when mask_round; the
+        masked image is lerp(source, source * (1 - cmask), inpainting_mask_weight); the mask goes to latent size by
+        nearest interpolation. Returns None for models without image conditioning.
+        """
+        if self.sd_model.family.conditioning != "hybrid":
+            return None
+        self.is_using_inpainting_conditioning = True
+        if image_mask is not None:
+            cmask = torch.from_numpy(np.asarray(image_mask.convert("L"), dtype=np.float32) / 255.0)
+            cmask = cmask[None, None].to(source.device)
+            if self.mask_round:
+                cmask = torch.round(cmask)
+        else:
+            cmask = source.new_ones(1, 1, *source.shape[-2:])
+        masked = torch.lerp(source, source * (1.0 - cmask), self.opts.inpainting_mask_weight)
+        masked_latent = self.encode_first_stage(masked, seeds)
+        cmask = F.interpolate(cmask, size=latent.shape[-2:]).expand(latent.shape[0], -1, -1, -1)
+        return torch.cat([cmask, masked_latent], dim=1).to(latent.dtype)
+
+    # -- sample (spec 6) -----------------------------------------------------------------------------------------
+
+    def sample(self, conditioning: dict, unconditional_conditioning: dict, seeds: list[int], subseeds: list[int],
+               noise_rng: rng.ImageRNG, callback=None, disable_progress: bool | None = None) -> torch.Tensor:
+        """Latents [B,4,h,w] for this iteration's images (spec 6.1-6.3)."""
+        x = noise_rng.next().float()
+        if self.initial_noise_multiplier != 1.0:
+            self.extra_generation_params["Noise multiplier"] = self.initial_noise_multiplier
+            x = x * self.initial_noise_multiplier
+        steps, t_enc = schedules.setup_img2img_steps(self.steps, self.denoising_strength, self.opts.img2img_fix_steps)
+        sigmas = self.get_sigmas(steps).to(self.sd_model.device)
+        sigma_sched = schedules.img2img_sigmas(sigmas, steps, t_enc)
+        xi = self.init_latent + x * sigma_sched[0]
+        if self.opts.img2img_extra_noise > 0:
+            self.extra_generation_params["Extra noise"] = self.opts.img2img_extra_noise
+            xi = xi + x * self.opts.img2img_extra_noise
+        if self.scheduler not in (None, "automatic", "Automatic") or self.sampler.scheduler:
+            self.extra_generation_params["Schedule type"] = schedules.scheduler_label(
+                self.scheduler or self.sampler.scheduler)
+        denoiser = self.make_denoiser()
+        function = self.sampler.function
+        extra_args = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": self.cfg_scale,
+                      "image_cond": self.image_conditioning}
+        samples = function(denoiser, xi, sigma_sched, extra_args=extra_args, callback=callback,
+                           disable=disable_progress,
+                           noise_sampler=self.noise_sampler(xi, sigmas, noise_rng, seeds),
+                           **self.sampler_kwargs(function))
+        if self.mask is not None:
+            samples = samples * self.nmask + self.init_latent * self.mask
+        return samples
+
+
+@dataclass
+class Processed:
+    """Result of `process_images` (A1111 `Processed`): images and what made them.
+
+    `images`: PIL RGB images, one per prompt (batch_size * n_iter); `seeds`/`subseeds`/`prompts`/`infotexts`
+    aligned with them; `paths` where they were saved (empty when not saved). The internal state of the last
+    iteration is kept for inspection: `init_latent`, `mask`, `nmask`, `image_conditioning` (tensors),
+    `overlay_images`, `mask_for_overlay` (PIL).
+    """
+
+    images: list[Image.Image]
+    seeds: list[int]
+    subseeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    infotexts: list[str]
+    paths: list[Path]
+    comments: dict
+    init_latent: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    nmask: torch.Tensor | None = None
+    image_conditioning: torch.Tensor | None = None
+    overlay_images: list | None = None
+    mask_for_overlay: Image.Image | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
+
+    @property
+    def info(self) -> str:
+        return self.infotexts[0]
+
+
+def create_infotext(p: StableDiffusionProcessing, index: int) -> str:
+    """The A1111 "parameters" text of image `index` (spec 9.3)."""
+    sd = p.sd_model
+    return infotext.create_infotext(
+        prompt=p.all_prompts[index], negative_prompt=p.all_negative_prompts[index], steps=p.steps,
+        sampler=p.sampler.name, scheduler=p.scheduler or "Automatic", cfg_scale=p.cfg_scale,
+        image_cfg_scale=getattr(p, "image_cfg_scale", None), seed=p.all_seeds[index], width=p.width,
+        height=p.height, model_hash=sd.shorthash(), model=sd.name,
+        subseed=p.all_subseeds[index] if p.subseed_strength else None,
+        subseed_strength=p.subseed_strength or None,
+        seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h)
+        if p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0 else None,
+        conditional_mask_weight=p.opts.inpainting_mask_weight if p.is_using_inpainting_conditioning else None,
+        clip_skip=p.opts.CLIP_stop_at_last_layers if p.opts.CLIP_stop_at_last_layers > 1 else None,
+        ensd=p.opts.eta_noise_seed_delta or None,
+        rng=p.opts.randn_source if p.opts.randn_source != "GPU" else None,
+        extra=p.extra_generation_params, version=VERSION)
+
+
+def process_images(p: StableDiffusionProcessing, callback=None, disable_progress: bool | None = None) -> Processed:
+    """Run a whole job: validate, init once, then n_iter iterations of sample -> decode -> overlay -> save.
+
+    Follows `process_images_inner` (spec 9). Images are saved (never overwriting) when `p.outpath_samples` is
+    set and `do_not_save_samples` is False. `callback` receives k-diffusion's per-step dict.
+    """
+    p.validate()
+    p.sampler, scheduler = find_sampler(p.sampler_name or "DPM++ 2M")
+    if scheduler is not None and p.scheduler in (None, "automatic", "Automatic"):
+        p.scheduler = scheduler
+    p.setup_prompts()
+    p.setup_seeds()
+    sd = p.sd_model
+    out_images, infotexts, paths = [], [], []
+    with torch.inference_mode():
+        p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
+        for n in range(p.n_iter):
+            sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
+            seeds, subseeds = p.all_seeds[sl], p.all_subseeds[sl]
+            noise_rng = p.make_rng(seeds, subseeds)
+            c = p.get_conds(p.all_prompts[sl])
+            uc = p.get_conds(p.all_negative_prompts[sl])
+            samples = p.sample(c, uc, seeds, subseeds, noise_rng, callback=callback,
+                               disable_progress=disable_progress)
+            decoded = p.decode_first_stage(samples.to(sd.device))
+            for i, image in enumerate(decoded):
+                index = n * p.batch_size + i
+                if p.color_corrections is not None and i < len(p.color_corrections):
+                    image = images.apply_color_correction(p.color_corrections[i], image)
+                if p.overlay_images is not None and p.opts.overlay_inpaint and i < len(p.overlay_images):
+                    image = images.apply_overlay(image, p.paste_to, p.overlay_images[i])
+                text = create_infotext(p, index)
+                if p.outpath_samples and not p.do_not_save_samples:
+                    paths.append(images.save_image(image, p.outpath_samples, p.all_seeds[index], text))
+                out_images.append(image)
+                infotexts.append(text)
+    return Processed(images=out_images, seeds=list(p.all_seeds), subseeds=list(p.all_subseeds),
+                     prompts=list(p.all_prompts), negative_prompts=list(p.all_negative_prompts),
+                     infotexts=infotexts, paths=paths, comments=dict(p.comments),
+                     init_latent=getattr(p, "init_latent", None), mask=getattr(p, "mask", None),
+                     nmask=getattr(p, "nmask", None), image_conditioning=getattr(p, "image_conditioning", None),
+                     overlay_images=p.overlay_images, mask_for_overlay=getattr(p, "mask_for_overlay", None))

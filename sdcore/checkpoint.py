@@ -198,16 +198,18 @@ def read_unet_config(shapes: dict[str, tuple], base: UNetConfig) -> tuple[UNetCo
     for lvl, blocks in enumerate(levels):
         mult.append(shapes[p + f"input_blocks.{blocks[0]}.0.out_layers.3.weight"][0] // mc)
         d = _count(shapes, re.escape(p + f"input_blocks.{blocks[0]}.1.transformer_blocks.") + r"(\d+)\.")
-        depth.append(d)
         if d:
             attn_ds.append(2 ** lvl)
+        elif len(base.transformer_depth) == len(levels):
+            d = base.transformer_depth[lvl]  # unused where a level has no attention; keep the family's value
+        depth.append(d)
     k_attn = next((k for k in shapes if k.startswith(p) and k.endswith("attn2.to_k.weight")), None)
     context_dim = shapes[k_attn][1] if k_attn else base.context_dim
     proj = next((k for k in shapes if k.startswith(p) and k.endswith(".proj_in.weight")), None)
     linear = proj is not None and len(shapes[proj]) == 2
     adm = shapes[p + "label_emb.0.0.weight"][1] if p + "label_emb.0.0.weight" in shapes else 0
     cfg = replace(base, in_channels=cin, out_channels=shapes[p + "out.2.weight"][0], model_channels=mc,
-                  num_res_blocks=num_res_blocks, channel_mult=tuple(mult), attention_resolutions=tuple(attn_ds),
+                  num_res_blocks=num_res_blocks, channel_mult=tuple(mult), attention_resolutions=tuple(sorted(attn_ds, reverse=True)),
                   transformer_depth=tuple(depth),
                   transformer_depth_middle=_count(shapes, re.escape(p + "middle_block.1.transformer_blocks.") + r"(\d+)\."),
                   context_dim=context_dim, use_linear_in_transformer=linear, adm_in_channels=adm,

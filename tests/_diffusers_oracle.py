@@ -7,10 +7,15 @@ The conversion is diffusers' own single-file path (`diffusers.loaders.single_fil
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import torch
 
 from sdcore.families import UNetConfig, VAEConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import make_checkpoint  # noqa: E402  (scripts/ is not a package)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -41,7 +46,7 @@ def diffusers_unet(unet_state_dict: dict, unet: UNetConfig, vae: VAEConfig | Non
 
     checkpoint = {UNET_PREFIX + k: v for k, v in unet_state_dict.items()}
     original = ldm_original_config(unet, vae or VAEConfig())
-    config = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=512)
+    config = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=None)
     converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
     model = UNet2DConditionModel(**config)
     model.load_state_dict(converted, strict=True)
@@ -55,24 +60,17 @@ def diffusers_vae(vae_state_dict: dict, vae: VAEConfig):
 
     checkpoint = {VAE_PREFIX + k: v for k, v in vae_state_dict.items()}
     original = ldm_original_config(UNetConfig(), vae)
-    config = sfu.create_vae_diffusers_config_from_ldm(original, checkpoint, image_size=256)
+    config = sfu.create_vae_diffusers_config_from_ldm(original, checkpoint, image_size=None)
     converted = sfu.convert_ldm_vae_checkpoint(checkpoint, config)
     model = AutoencoderKL(**config)
     model.load_state_dict(converted, strict=True)
     return model.eval()
 
 
-def random_state_dict(module: torch.nn.Module, generator: torch.Generator) -> dict:
-    """Every tensor of `module`'s state dict redrawn: norms' weights ~ 1 + 0.1 N, biases 0.1 N, other weights
-    N(0, 1/fan_in) so activations keep unit scale through depth."""
-    out = {}
-    for name, t in module.state_dict().items():
-        if t.ndim == 1 and name.endswith("weight"):
-            v = 1.0 + 0.1 * torch.randn(t.shape, generator=generator)
-        elif t.ndim == 1:
-            v = 0.1 * torch.randn(t.shape, generator=generator)
-        else:
-            fan_in = t[0].numel()
-            v = torch.randn(t.shape, generator=generator) / fan_in ** 0.5
-        out[name] = v.to(t.dtype)
-    return out
+
+def random_weights(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random LDM-layout weights for `module` (scripts/make_checkpoint.py `random_like`), loaded into it
+    (strict, assign) and returned for the oracle."""
+    weights = make_checkpoint.random_like(module.state_dict(), torch.Generator().manual_seed(seed))
+    module.load_state_dict(weights, strict=True, assign=True)
+    return weights

@@ -196,8 +196,10 @@ def test_overrides_and_rho(model):
     assert sgm[0].item() == pytest.approx(5.0, rel=1e-5)
     # uniform / simple / ddim read the model's discrete sigmas and ignore the range (as A1111 does)
     assert torch.equal(get_sigmas("uniform", 10, model, sigma_max=5.0), get_sigmas("uniform", 10, model))
-    with pytest.raises(ValueError, match="rho"):
-        get_sigmas("exponential", 10, model, rho=3.0)
+    # rho is a global A1111 option: schedules without rho ignore it (spec 10.2)
+    assert torch.equal(get_sigmas("exponential", 10, model, rho=3.0), get_sigmas("exponential", 10, model))
+    assert torch.equal(get_sigmas("polyexponential", 10, model, rho=3.0),
+                       sch.get_sigmas_polyexponential(10, model.sigma_min.item(), model.sigma_max.item(), 3.0))
     with pytest.raises(ValueError, match="sigma_min"):
         get_sigmas("karras", 10, model, sigma_min=20.0)
 

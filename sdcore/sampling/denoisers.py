@@ -283,7 +283,6 @@ class CFGDenoiser:
     - `pad_cond_uncond`: None, "v0" (`pad_cond_uncond_v0`) or "empty" (`pad_cond_uncond`, needs `empty_chunk`).
     - `skip_early_cond`: fraction of calls at the start without uncond ("Skip Early CFG"; 0 = off).
     - `s_min_uncond_all`: NGMS on every call, not only odd ones.
-    - `cond_scale_multiplier`: multiplies cond_scale (DDIM CFG++ uses 1/12.5).
 
     Call index: the denoiser holds no step counter. `forward` takes `step` (0-based index of this model evaluation,
     as A1111's `self.step`) and `total_steps` explicitly; the sampling loop supplies them (see `with_call_index`).
@@ -302,7 +301,6 @@ class CFGDenoiser:
     empty_chunk: Tensor | None = None
     skip_early_cond: float = 0.0
     s_min_uncond_all: bool = False
-    cond_scale_multiplier: float = 1.0
 
     def __post_init__(self):
         if (self.mask is None) != (self.nmask is None):
@@ -423,10 +421,10 @@ class CFGDenoiser:
         elif edit:
             out_uncond = x_out[n_rows + batch:]
             denoised = combine_denoised_for_edit_model(out_cond, x_out[n_rows:n_rows + batch], out_uncond,
-                                                       cond_scale * self.cond_scale_multiplier, self.image_cfg_scale)
+                                                       cond_scale, self.image_cfg_scale)
         else:
             out_uncond = x_out[n_rows:]
-            denoised = combine_denoised(out_cond, out_uncond, conds_list, cond_scale * self.cond_scale_multiplier)
+            denoised = combine_denoised(out_cond, out_uncond, conds_list, cond_scale)
 
         if not self.mask_before_denoising and self.mask is not None:
             denoised = blend_denoised(denoised, self.init_latent, self.mask, self.nmask)

@@ -242,11 +242,12 @@ def get_sigmas(scheduler: str | None, steps: int, schedule: DiscreteSchedule, *,
     - `schedule`: the model's `DiscreteSchedule` (its sigma range is the default sigma_min/sigma_max; "uniform",
       "simple" and "ddim" read its discrete sigmas).
     - `sigma_min`, `sigma_max`: overrides (A1111 options sigma_min/sigma_max, or (0.1, 10) for
-      `use_old_karras_scheduler_sigmas`); `rho` overrides the default rho of karras (7) / polyexponential (1).
+      `use_old_karras_scheduler_sigmas`); `rho` overrides the default rho of karras (7) / polyexponential (1) and,
+      as in A1111 (a global option), is ignored by schedules without rho (`Scheduler.default_rho` is None).
     - `discard_next_to_last_sigma`: build steps + 1 sigmas and drop the penultimate one (DPM2, DPM++ 3M SDE...).
     - `is_sdxl`: selects the SDXL Align Your Steps table; `beta_alpha`, `beta_beta`: the beta schedule's parameters.
     Returns float32 on the CPU, normally [steps + 1] and descending (last 0; kl_optimal ends at sigma_min).
-    Raises ValueError for unknown names, steps < 1, a bad sigma range, or `rho` given to a schedule without rho.
+    Raises ValueError for unknown names, steps < 1 or a bad sigma range.
     """
     _check_n(steps)
     entry = find_scheduler(scheduler)
@@ -254,16 +255,13 @@ def get_sigmas(scheduler: str | None, steps: int, schedule: DiscreteSchedule, *,
         entry = find_scheduler(default_scheduler)
         if entry.function is None:
             raise ValueError("default_scheduler must name a concrete scheduler, not 'automatic'")
-    if rho is not None and (entry.function is None or entry.default_rho is None):
-        raise ValueError(f"rho={rho} given but scheduler {entry.name!r} has no rho parameter "
-                         f"(only {[s.name for s in SCHEDULERS if s.default_rho is not None]} do)")
     n = steps + 1 if discard_next_to_last_sigma else steps
     available = {
         "n": n, "schedule": schedule, "is_sdxl": is_sdxl, "alpha": beta_alpha, "beta": beta_beta,
         "sigma_min": float(schedule.sigma_min) if sigma_min is None else float(sigma_min),
         "sigma_max": float(schedule.sigma_max) if sigma_max is None else float(sigma_max),
     }
-    if rho is not None:
+    if rho is not None and entry.default_rho is not None:
         available["rho"] = float(rho)
     if entry.function is None:
         sigmas = uniform(n, schedule)

@@ -1,0 +1,638 @@
+"""Image and mask helpers for img2img and inpainting, with A1111 v1.10.1 semantics.
+
+Every function is a pure function of its arguments (it never changes an input image) and names the section of
+`shared/spec/a1111-img2img.md` ("spec") and the reference function it follows.
+
+Glossary
+- Images are PIL images, sizes are `(W, H)` in pixels. A mask is a PIL image, usually mode "L":
+  255 = regenerate this pixel, 0 = keep it (spec 0).
+- A crop region is `(x1, y1, x2, y2)` in pixels, right/bottom exclusive (PIL box); `paste_to` is `(x, y, w, h)`.
+- Latent cells: the latent grid is `W/8 x H/8`; `latent_mask` returns one weight per cell.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import re
+import warnings
+from numbers import Real
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage
+import torch
+from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
+from skimage import color as skcolor
+from skimage import exposure
+
+RESIZE_MODES = {
+    0: "Just resize",
+    1: "Crop and resize",
+    2: "Resize and fill",
+    3: "Just resize (latent upscale)",
+}
+
+# masking.fill: (Gaussian radius in pixels, times the blurred layer is composited), widest first (spec 4).
+FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
+# Characters A1111 replaces by "_" in file name parts (modules/images.py `invalid_filename_chars`, spec 9.4).
+INVALID_FILENAME_CHARS = '#<>:"/\\|?*\n\r\t'
+MAX_FILENAME_PART_LENGTH = 128
+
+
+def _check_image(name: str, im) -> None:
+    if not isinstance(im, Image.Image):
+        raise TypeError(f"{name} must be a PIL.Image.Image, got {type(im).__name__}")
+
+
+def _check_mode(name: str, im, modes: tuple[str, ...]) -> None:
+    _check_image(name, im)
+    if im.mode not in modes:
+        raise ValueError(f"{name} must have mode {' or '.join(modes)}, got mode {im.mode!r}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_same_size(name_a: str, a: Image.Image, name_b: str, b: Image.Image) -> None:
+    if a.size != b.size:
+        raise ValueError(f"{name_a} size {a.size} differs from {name_b} size {b.size}; they must be equal (W, H)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry (spec 3)
+# ---------------------------------------------------------------------------------------------------------------
+
+def resize_geometry(mode: int, im_w: int, im_h: int, width: int, height: int
+                    ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Size `(src_w, src_h)` of the scaled image and its paste offset `(x, y)` for resize modes 1-3 (spec 3.1).
+
+    Reference: `modules/images.py` `resize_image`. With `ratio = width/height`, `src_ratio = im_w/im_h`:
+    - mode 1 (cover): `src_w = width if ratio > src_ratio else im_w*height//im_h`,
+      `src_h = height if ratio <= src_ratio else im_h*width//im_w`;
+    - modes 2, 3 (fit): `src_w = width if ratio < src_ratio else im_w*height//im_h`,
+      `src_h = height if ratio >= src_ratio else im_h*width//im_w`;
+    offset `(width//2 - src_w//2, height//2 - src_h//2)` (negative = cropped). In mode 2 the offset along the short
+    side is also the width of each fill band. Example: 640x480 -> 512x512: mode 1 ((682, 512), (-85, 0)),
+    mode 2 ((512, 384), (0, 64)).
+
+    Raises ValueError for a mode other than 1, 2, 3 or non-positive sizes.
+    """
+    if mode not in (1, 2, 3):
+        raise ValueError(f"resize_geometry mode must be 1, 2 or 3 (mode 0 has no geometry), got {mode!r}")
+    for name, value in (("im_w", im_w), ("im_h", im_h), ("width", width), ("height", height)):
+        _check_positive_int(name, value)
+    ratio = width / height
+    src_ratio = im_w / im_h
+    if mode == 1:
+        scaled_to_width = ratio > src_ratio
+    else:
+        scaled_to_width = ratio < src_ratio
+    src_w = width if scaled_to_width else im_w * height // im_h
+    src_h = height if not scaled_to_width else im_h * width // im_w
+    return (src_w, src_h), (width // 2 - src_w // 2, height // 2 - src_h // 2)
+
+
+def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize `im` to `width x height` pixels with one of A1111's four resize modes (spec 3.1).
+
+    Reference: `modules/images.py` `resize_image` with no upscaler (`opts.upscaler_for_img2img` None), so every inner
+    resize is a plain Lanczos resize.
+    - 0 "Just resize": Lanczos to `(width, height)`, aspect ratio not kept; keeps the input mode (L stays L).
+    - 1 "Crop and resize": scale to cover the target (`src_w, src_h` from integer `//` arithmetic), paste centred on
+      a black RGB canvas; negative offsets crop symmetrically.
+    - 2 "Resize and fill" and 3 "Just resize (latent upscale)": scale to fit inside, paste centred on a black RGB
+      canvas, then fill the empty bands by stretching the edge row (top/bottom bands) or edge column (left/right
+      bands) with a bicubic resize of a zero-height/zero-width box. Mode 3 is not special here (spec 3.1); its
+      latent upscale happens in processing.
+    Modes 1-3 always return mode "RGB", even for an "L" mask.
+
+    Raises ValueError for an unknown mode or a non-positive size, TypeError if `im` is not a PIL image.
+    """
+    _check_image("im", im)
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {sorted(RESIZE_MODES)} ({RESIZE_MODES}), got {mode!r}")
+    _check_positive_int("width", width)
+    _check_positive_int("height", height)
+
+    lanczos = Image.Resampling.LANCZOS
+    if mode == 0:
+        return im.resize((width, height), resample=lanczos)
+
+    (src_w, src_h), offset = resize_geometry(mode, im.width, im.height, width, height)
+    resized = im.resize((src_w, src_h), resample=lanczos)
+    res = Image.new("RGB", (width, height))
+    res.paste(resized, box=offset)
+    if mode == 1:
+        return res
+
+    # Band widths are the paste offsets. A box of zero height (width) makes PIL's bicubic resize stretch the edge
+    # row (column) over the band.
+    x, y = offset
+    ratio, src_ratio = width / height, im.width / im.height
+    if ratio < src_ratio and y > 0:
+        res.paste(resized.resize((width, y), box=(0, 0, width, 0)), box=(0, 0))
+        res.paste(resized.resize((width, y), box=(0, src_h, width, src_h)), box=(0, y + src_h))
+    elif ratio > src_ratio and x > 0:
+        res.paste(resized.resize((x, height), box=(0, 0, 0, height)), box=(0, 0))
+        res.paste(resized.resize((x, height), box=(src_w, 0, src_w, height)), box=(x + src_w, 0))
+    return res
+
+
+def get_crop_region_v2(mask: Image.Image, pad: int = 0) -> tuple[int, int, int, int] | None:
+    """Bounding box of the non-zero pixels of an "L" mask, grown by `pad` pixels and clamped to the image (spec 2.2.4).
+
+    Reference: `modules/masking.py` `get_crop_region_v2`. Returns `(x1, y1, x2, y2)` (right/bottom exclusive), the bare
+    bbox when `pad == 0`, or None for an all-zero mask. A blurred mask's bbox includes the blur halo.
+
+    Raises ValueError for a mask not in mode "L" or a negative pad.
+    """
+    _check_mode("mask", mask, ("L",))
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
+        raise ValueError(f"pad must be an int >= 0 (pixels), got {pad!r}")
+    box = mask.getbbox()
+    if box is None:
+        return None
+    if pad == 0:
+        return box
+    x1, y1, x2, y2 = box
+    w, h = mask.size
+    return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, w), min(y2 + pad, h)
+
+
+def _expand_axis(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
+    """Grow `[lo, hi)` by `diff` (half each side, the odd pixel after), shift back inside `[0, limit)`, spec 3.2."""
+    lo -= diff // 2
+    hi += diff - diff // 2
+    if hi >= limit:
+        lo -= hi - limit
+        hi = limit
+    if lo < 0:
+        hi -= lo
+        lo = 0
+    if hi >= limit:
+        hi = limit
+    return lo, hi
+
+
+def expand_crop_region(crop_region: tuple[int, int, int, int], processing_width: int, processing_height: int,
+                       image_width: int, image_height: int) -> tuple[int, int, int, int]:
+    """Grow a crop region to the processing aspect ratio, then shift it back inside the image (spec 3.2).
+
+    Reference: `modules/masking.py` `expand_crop_region`. With `r_crop = (x2-x1)/(y2-y1)` and
+    `r_proc = processing_width/processing_height`: if `r_crop > r_proc` the height grows by
+    `diff = int((x2-x1)/r_proc - (y2-y1))` (half above, `diff - diff//2` below), else the width grows by
+    `diff = int((y2-y1)*r_proc - (x2-x1))`. The region may still exceed the image when it is larger than the image in
+    the grown direction (then it is cut at the far edge). Example: `(100,200,228,232)`, 512x512 -> `(100,152,228,280)`.
+
+    Raises ValueError for an empty region or non-positive sizes.
+    """
+    x1, y1, x2, y2 = (int(v) for v in crop_region)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"crop_region must have x2 > x1 and y2 > y1, got {crop_region!r}")
+    for name, value in (("processing_width", processing_width), ("processing_height", processing_height),
+                        ("image_width", image_width), ("image_height", image_height)):
+        _check_positive_int(name, value)
+
+    ratio_crop = (x2 - x1) / (y2 - y1)
+    ratio_processing = processing_width / processing_height
+    if ratio_crop > ratio_processing:
+        diff = int((x2 - x1) / ratio_processing - (y2 - y1))
+        y1, y2 = _expand_axis(y1, y2, diff, image_height)
+    else:
+        diff = int((y2 - y1) * ratio_processing - (x2 - x1))
+        x1, x2 = _expand_axis(x1, x2, diff, image_width)
+    return x1, y1, x2, y2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks (spec 2.2, 2.9)
+# ---------------------------------------------------------------------------------------------------------------
+
+def flatten(img: Image.Image, bgcolor: str | tuple[int, ...] = "#ffffff") -> Image.Image:
+    """Composite an RGBA image over `bgcolor` and return RGB; other modes are just converted to RGB (spec 2.5.2).
+
+    Reference: `modules/images.py` `flatten` (PIL paste of the image through its own alpha onto an opaque canvas;
+    default colour = `opts.img2img_background_color` "#ffffff"). `bgcolor` is any PIL colour spec.
+    """
+    _check_image("img", img)
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, bgcolor)
+        background.paste(img, mask=img)
+        img = background
+    return img.convert("RGB")
+
+
+def create_binary_mask(mask: Image.Image, round: bool = True) -> Image.Image:
+    """Turn a user mask into an "L" mask, 255 = regenerate (spec 2.2.1).
+
+    Reference: `modules/processing.py` `create_binary_mask`. An RGBA mask whose alpha is not all 255 is read from its
+    alpha channel; with `round` it is binarised `255 if a > 128 else 0` (128 -> 0, 129 -> 255), without it the alpha is
+    kept as is. Any other mask is converted to "L" (ITU-R 601 luma: (255,0,0) -> 76, (0,255,0) -> 150,
+    (0,0,255) -> 29, grey g -> g), never binarised.
+    """
+    _check_image("mask", mask)
+    if mask.mode == "RGBA" and mask.getextrema()[3] != (255, 255):
+        alpha = mask.getchannel("A")
+        if not round:
+            return alpha
+        return Image.fromarray(np.where(np.asarray(alpha) > 128, 255, 0).astype(np.uint8), mode="L")
+    return mask.convert("L")
+
+
+def mask_blur_kernel_size(blur: float) -> int:
+    """Gaussian kernel length A1111 uses for a mask blur of sigma `blur` pixels: `2*int(2.5*blur + 0.5) + 1`.
+
+    Spec 2.2.3 / 13: blur 1 -> 7, 2 -> 11, 4 -> 21, 8 -> 41, 16 -> 81, 64 -> 321.
+    """
+    return 2 * int(2.5 * blur + 0.5) + 1
+
+
+def gaussian_kernel_u8(ksize: int, sigma: float) -> np.ndarray:
+    """OpenCV's fixed-point Gaussian kernel for uint8 images: int64 weights in units of 1/256 that sum to 256.
+
+    Reference: OpenCV `imgproc/src/smooth.dispatch.cpp` (`getGaussianKernelBitExact`,
+    `getGaussianKernelFixedPoint_ED`), the bit-exact path `cv2.GaussianBlur` takes for CV_8U. The float kernel is
+    `w_i = exp(-d_i^2 / (2 sigma^2))`, `d_i = i - (ksize-1)/2`, normalised to sum 1. The outer half is quantised to
+    multiples of 1/256 from the outside in, carrying each rounding error (round half to even) into the next weight
+    ("error diffusion"); the centre weight takes whatever makes the sum exactly 256.
+    """
+    if isinstance(ksize, bool) or not isinstance(ksize, (int, np.integer)) or ksize < 1 or ksize % 2 == 0:
+        raise ValueError(f"ksize must be a positive odd int, got {ksize!r}")
+    if not isinstance(sigma, Real) or not sigma > 0:
+        raise ValueError(f"sigma must be a real number > 0 (pixels), got {sigma!r}")
+    d = np.arange(ksize, dtype=np.float64) - (ksize - 1) / 2
+    w = np.exp(-d * d / (2.0 * float(sigma) ** 2))
+    w /= w.sum()
+    half = ksize // 2
+    q = np.zeros(ksize, dtype=np.int64)
+    carry = 0.0
+    for i in range(half):
+        wanted = w[i] * 256.0 + carry
+        q[i] = q[ksize - 1 - i] = round(wanted)
+        carry = wanted - q[i]
+    q[half] = 256 - 2 * int(q[:half].sum())
+    return q
+
+
+def _gaussian_blur_u8_axis(a: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """One `cv2.GaussianBlur` pass on a uint8 array along `axis` (kernel `(k,1)` for x, `(1,k)` for y).
+
+    OpenCV's 8-bit path sums `k_i * x_i` exactly in fixed point and rounds half up on the division by 256; the border
+    is BORDER_REFLECT_101 (`dcb|abcd|cba`), which is scipy.ndimage's "mirror" mode (also for kernels longer than the
+    image). Float64 holds the integer sums (< 2^17) exactly.
+    """
+    k = gaussian_kernel_u8(mask_blur_kernel_size(sigma), sigma)
+    sums = scipy.ndimage.correlate1d(a.astype(np.float64), k.astype(np.float64), axis=axis, mode="mirror")
+    return ((sums.astype(np.int64) + 128) >> 8).astype(np.uint8)
+
+
+def blur_mask(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:
+    """Gaussian-blur an "L" mask exactly as A1111's `cv2.GaussianBlur` calls do, x first, then y (spec 2.2.3).
+
+    Reference: `modules/processing.py` `StableDiffusionProcessingImg2Img.init` (mask blur). For each axis with a blur
+    `b > 0` (sigma in pixels), one pass with kernel length `mask_blur_kernel_size(b)` and OpenCV's uint8 fixed-point
+    arithmetic (see `gaussian_kernel_u8`); an axis with `b == 0` is skipped. Matches OpenCV 5.0 bit for bit on the
+    cases in tests/test_images.py.
+
+    Raises ValueError for a negative or non-real blur or a mask not in mode "L".
+    """
+    _check_mode("mask", mask, ("L",))
+    for name, value in (("blur_x", blur_x), ("blur_y", blur_y)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
+            raise ValueError(f"{name} must be a real number >= 0 (sigma in pixels), got {value!r}")
+    a = np.asarray(mask)
+    if blur_x > 0:
+        a = _gaussian_blur_u8_axis(a, blur_x, axis=1)
+    if blur_y > 0:
+        a = _gaussian_blur_u8_axis(a, blur_y, axis=0)
+    return Image.fromarray(a, mode="L")
+
+
+def double_mask_for_overlay(mask: Image.Image) -> Image.Image:
+    """`mask_for_overlay` for "Whole picture" inpainting: `min(2*v, 255)` of the (blurred, resized) mask (spec 2.2.5).
+
+    Reference: `modules/processing.py` `StableDiffusionProcessingImg2Img.init`. Values >= 128 become 255, so the
+    original only shows through the outer half of the blur ramp: 100 -> 200, 127 -> 254, 128 -> 255 (spec 13). The
+    mask is read as "L" (modes 1/2 of `resize_image` return grey RGB, whose L is the same value). Returns mode "L".
+    """
+    _check_image("mask", mask)
+    doubled = np.clip(np.asarray(mask.convert("L"), dtype=np.float32) * 2, 0, 255).astype(np.uint8)
+    return Image.fromarray(doubled, mode="L")
+
+
+def latent_mask(mask: Image.Image, latent_w: int, latent_h: int, round: bool = True, *,
+                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Regenerate weight per latent cell, `nmask`, shape `[1, 1, latent_h, latent_w]`, values in [0, 1] (spec 2.9).
+
+    Reference: `modules/processing.py` `StableDiffusionProcessingImg2Img.init` (latmask). The processing-size mask is
+    converted to RGB and resized with PIL's default filter (bicubic, area-aware when shrinking), channel 0 is divided by
+    255 and, with `round`, rounded with `np.around` (>= 0.5 -> 1, ties to even). 1 = regenerate, 0 = keep; the keep
+    mask is `1 - nmask`. Processing repeats the channel to the latent's channel count. Example (spec 13): a 16x16 white
+    square at (24..39) of a 64x64 mask -> 8x8, centre 2x2 cells 0.871 before rounding, exactly those 4 cells after.
+    `device` None = torch's default device.
+    """
+    _check_image("mask", mask)
+    _check_positive_int("latent_w", latent_w)
+    _check_positive_int("latent_h", latent_h)
+    small = mask.convert("RGB").resize((latent_w, latent_h), resample=Image.Resampling.BICUBIC)
+    weights = np.asarray(small, dtype=np.float32)[:, :, 0] / 255
+    if round:
+        weights = np.around(weights)
+    return torch.as_tensor(weights, dtype=dtype, device=device)[None, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fill, overlay (spec 4, 2.5.4, 9.1)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _premultiplied_through_inverted_mask(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Premultiplied 'RGBa' copy of `image` whose alpha is `255 - mask` (PIL paste into an empty 'RGBa' canvas)."""
+    masked = Image.new("RGBa", image.size)
+    masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    return masked
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Inpainting fill 0 "fill": replace the masked area by blurred surroundings (spec 4).
+
+    Reference: `modules/masking.py` `fill`. The image gets alpha `255 - mask` (premultiplied); for each
+    `(radius, repeats)` of `FILL_LAYERS` it is blurred with PIL `GaussianBlur(radius)`, un-premultiplied and
+    alpha-composited `repeats` times onto a transparent canvas, widest blur first. The last layer (radius 0) restores
+    kept pixels exactly; masked pixels get progressively sharper blurs of what surrounds them. Returns RGB. `mask` is
+    the processing-size latent mask (any mode; read as "L"), same size as `image`.
+    """
+    _check_image("image", image)
+    _check_image("mask", mask)
+    _check_same_size("image", image, "mask", mask)
+    source = _premultiplied_through_inverted_mask(image, mask)
+    canvas = Image.new("RGBA", image.size)
+    for radius, repeats in FILL_LAYERS:
+        layer = source.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            canvas.alpha_composite(layer)
+    return canvas.convert("RGB")
+
+
+def make_overlay(image: Image.Image, mask_for_overlay: Image.Image) -> Image.Image:
+    """The original image as RGBA with alpha `255 - mask_for_overlay`, pasted back after generation (spec 2.5.4).
+
+    Reference: `modules/processing.py` `StableDiffusionProcessingImg2Img.init` (overlay_images): a paste into an empty
+    premultiplied 'RGBa' canvas through the inverted mask, converted to RGBA, so colours where alpha is small carry
+    the premultiplication's rounding. `mask_for_overlay` (any mode, read as "L") must already have the image's size;
+    A1111 first resizes it with the job's resize mode when it does not.
+    """
+    _check_image("image", image)
+    _check_image("mask_for_overlay", mask_for_overlay)
+    _check_same_size("image", image, "mask_for_overlay", mask_for_overlay)
+    return _premultiplied_through_inverted_mask(image, mask_for_overlay).convert("RGBA")
+
+
+def uncrop(image: Image.Image, dest_size: tuple[int, int], paste_to: tuple[int, int, int, int]) -> Image.Image:
+    """Put a processed crop back at its place on a transparent RGBA canvas of `dest_size` (spec 9.1).
+
+    Reference: `modules/processing.py` `uncrop`: the crop is resized to `(w, h)` with `resize_image(1, ...)` (crop and
+    resize) and pasted at `(x, y)`, `paste_to = (x, y, w, h)`.
+    """
+    _check_image("image", image)
+    x, y, w, h = (int(v) for v in paste_to)
+    canvas = Image.new("RGBA", tuple(dest_size))
+    canvas.paste(resize_image(1, image, w, h), (x, y))
+    return canvas
+
+
+def apply_overlay(image: Image.Image, paste_to: tuple[int, int, int, int] | None,
+                  overlay: Image.Image | None) -> Image.Image:
+    """Composite the kept original pixels back over a generated image (spec 9.1).
+
+    Reference: `modules/processing.py` `apply_overlay`. With no overlay (no mask, or `overlay_inpaint` off) the image is
+    returned unchanged, also without uncropping. With `paste_to` ("Only masked") the generated crop is first put back
+    with `uncrop` onto a canvas of the overlay's size. Then the overlay (alpha `255 - mask_for_overlay`) is
+    alpha-composited on top and the result converted to RGB; its size is the overlay's size.
+
+    Raises ValueError when, without `paste_to`, the image and overlay sizes differ (A1111 would composite the overlay
+    unscaled at (0, 0), a misalignment noted in spec 3.1 for resize mode 3).
+    """
+    _check_image("image", image)
+    if overlay is None:
+        return image
+    _check_mode("overlay", overlay, ("RGBA",))
+    if paste_to is not None:
+        image = uncrop(image, overlay.size, paste_to)
+    else:
+        _check_same_size("image", image, "overlay", overlay)
+    composed = image.convert("RGBA")
+    composed.alpha_composite(overlay)
+    return composed.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Colour correction (spec 9.2)
+# ---------------------------------------------------------------------------------------------------------------
+
+# sRGB (D65) -> CIE XYZ matrix and D65 white point as OpenCV's `imgproc/src/color_lab.cpp` stores them.
+SRGB_TO_XYZ_D65 = ((0.412453, 0.357580, 0.180423),
+                   (0.212671, 0.715160, 0.072169),
+                   (0.019334, 0.119193, 0.950227))
+D65_WHITE = (0.950456, 1.0, 1.088754)
+
+
+@functools.cache
+def _lab_u8_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed-point tables of OpenCV's 8-bit RGB -> LAB (`color_lab.cpp`, `RGB2Lab_b` and its lookup tables).
+
+    gamma[i] = round(2040 * srgb_to_linear(i/255)) (linear light in 1/2040 units, 0..2040);
+    matrix = round(4096 * SRGB_TO_XYZ_D65 / white) (rows X/Xn, Y/Yn, Z/Zn; each row sums to 4096);
+    f[i] = round(32768 * f(i/2040)), the CIE LAB companding f(t) = t^(1/3) above 0.008856, else 7.787 t + 16/116.
+    """
+    x = np.arange(256) / 255.0
+    gamma = np.rint(2040 * np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)).astype(np.int64)
+    matrix = np.rint(4096 * np.array(SRGB_TO_XYZ_D65) / np.array(D65_WHITE)[:, None]).astype(np.int64)
+    t = np.arange(3072) / 2040.0
+    f = np.rint(32768 * np.where(t < 0.008856, 7.787 * t + 16 / 116, np.cbrt(t))).astype(np.int64)
+    return gamma, matrix, f
+
+
+def rgb_to_lab_u8(rgb: np.ndarray) -> np.ndarray:
+    """8-bit CIE LAB (sRGB, D65) as OpenCV's `cv2.cvtColor(rgb, COLOR_RGB2LAB)` computes it: uint8 [H, W, 3].
+
+    Stored as `L*255/100`, `a + 128`, `b + 128`. OpenCV's integer algorithm (`RGB2Lab_b`, tables in
+    `_lab_u8_tables`), with `descale(v, n) = (v + 2^(n-1)) >> n`:
+    `XYZ = descale(matrix @ gamma[RGB], 12)`; `fX, fY, fZ = f[X], f[Y], f[Z]` (units of 1/32768);
+    `L = descale(296 fY - 1336934, 15)` (296 = round(116*255/100), 1336934 = 16*255*32768//100),
+    `a = descale(500 (fX - fY), 15) + 128`, `b = descale(200 (fY - fZ), 15) + 128`, saturated to [0, 255].
+    Equals OpenCV 5.0 on all but 0.01% of the 2^24 RGB colours, which differ by 1 level in a or b (its SIMD path).
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.shape[-1:] != (3,):
+        raise ValueError(f"rgb must be a uint8 array [..., 3], got {rgb.dtype} {rgb.shape}")
+    gamma, matrix, f = _lab_u8_tables()
+    linear = gamma[rgb.astype(np.int64)]  # [..., 3]
+    xyz = (linear @ matrix.T + (1 << 11)) >> 12
+    fx, fy, fz = f[xyz[..., 0]], f[xyz[..., 1]], f[xyz[..., 2]]
+    half = 1 << 14
+    lightness = (296 * fy - 1336934 + half) >> 15
+    a = (500 * (fx - fy) + (128 << 15) + half) >> 15
+    b = (200 * (fy - fz) + (128 << 15) + half) >> 15
+    return np.clip(np.stack([lightness, a, b], axis=-1), 0, 255).astype(np.uint8)
+
+
+def lab_u8_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """8-bit LAB back to uint8 RGB [H, W, 3], standing in for OpenCV's `cv2.cvtColor(lab, COLOR_LAB2RGB)`.
+
+    Float conversion with scikit-image (`lab2rgb`, D65), rounded. For LAB values of real sRGB colours OpenCV 5.0
+    agrees within 2 levels; far outside the gamut the two clip differently.
+    """
+    lab = np.asarray(lab, dtype=np.float64)
+    lab = np.stack([lab[..., 0] * (100 / 255), lab[..., 1] - 128, lab[..., 2] - 128], axis=-1)
+    with warnings.catch_warnings():
+        # skimage warns when it clips a negative Z of an out-of-gamut colour; the clip is the intended behaviour.
+        warnings.simplefilter("ignore", UserWarning)
+        rgb = skcolor.lab2rgb(lab)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def luminosity(rgb: np.ndarray) -> np.ndarray:
+    """`Lum(C) = 0.299 R + 0.587 G + 0.114 B` of float RGB in [0, 1], shape [..., 3] -> [...].
+
+    The coefficients of blendmodes 2022 (`blend._lum`), which A1111 v1.10.1 pins; W3C "Compositing and Blending"
+    uses 0.3/0.59/0.11 in the same formula.
+    """
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def set_luminosity(rgb: np.ndarray, lum: np.ndarray) -> np.ndarray:
+    """W3C `SetLum(C, l)`: shift C by `d = l - Lum(C)`, then `ClipColor` back into [0, 1], float [..., 3].
+
+    ClipColor, with `L = Lum(C)`, `n = min(C)`, `x = max(C)` taken before either step:
+    `if n < 0: C = L + (C - L) * L / (L - n)`; then `if x > 1: C = L + (C - L) * (1 - L) / (x - L)`.
+    (W3C Compositing and Blending Level 1, section 10.2 "non-separable blend modes"; blendmodes 2022 `_setLum`.)
+    """
+    shifted = rgb + (lum - luminosity(rgb))[..., None]
+    lum_now = luminosity(shifted)[..., None]
+    lowest = shifted.min(axis=-1, keepdims=True)
+    highest = shifted.max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lifted = lum_now + (shifted - lum_now) * lum_now / (lum_now - lowest)
+        shifted = np.where(lowest < 0, lifted, shifted)
+        lowered = lum_now + (shifted - lum_now) * (1 - lum_now) / (highest - lum_now)
+        shifted = np.where(highest > 1, lowered, shifted)
+    return shifted
+
+
+def setup_color_correction(image: Image.Image) -> np.ndarray:
+    """Colour-correction target: the final init image (after crop, resize and fill) as 8-bit LAB [H, W, 3] (spec 9.2).
+
+    Reference: `modules/processing.py` `setup_color_correction` (`cv2.cvtColor(..., COLOR_RGB2LAB)`).
+    """
+    _check_mode("image", image, ("RGB",))
+    return rgb_to_lab_u8(np.asarray(image))
+
+
+def apply_color_correction(correction: np.ndarray, image: Image.Image) -> Image.Image:
+    """Match a generated RGB image's colours to the init image's, keeping its own luminosity (spec 9.2).
+
+    Reference: `modules/processing.py` `apply_color_correction`:
+    1. `corrected = LAB->RGB(match_histograms(LAB(image), correction, channel_axis=2))`: per-channel histogram
+       matching in 8-bit LAB (scikit-image; the matched channels are stored back into uint8, truncating).
+    2. Luminosity blend (blendmodes `blendLayers(corrected, image, LUMINOSITY)`, both opaque), in floats `/255`:
+       `out = SetLum(corrected, Lum(image))` (see `set_luminosity`): hue and saturation of the corrected image,
+       luminosity of the generated one; `round(out * 255)` clipped to [0, 255].
+    Applied before the overlay. `correction` comes from `setup_color_correction`.
+    """
+    _check_mode("image", image, ("RGB",))
+    correction = np.asarray(correction)
+    if correction.ndim != 3 or correction.shape[2] != 3 or correction.dtype != np.uint8:
+        raise ValueError(f"correction must be a uint8 LAB array [H, W, 3] from setup_color_correction, got "
+                         f"{correction.dtype} {correction.shape}")
+    generated = np.asarray(image)
+    # match_histograms writes the matched float channels into an array of the input's dtype: uint8, truncated.
+    matched = exposure.match_histograms(rgb_to_lab_u8(generated), correction, channel_axis=2)
+    corrected = lab_u8_to_rgb(matched)
+    blended = set_luminosity(corrected / 255.0, luminosity(generated / 255.0))
+    out = (np.clip(blended, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(out, mode="RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving (spec 9.4)
+# ---------------------------------------------------------------------------------------------------------------
+
+def sanitize_filename_part(text: str, replace_spaces: bool = True) -> str:
+    """A1111's file-name sanitiser (spec 9.4; `modules/images.py` `sanitize_filename_part`).
+
+    Spaces -> "_" (if `replace_spaces`), each of `INVALID_FILENAME_CHARS` -> "_", leading spaces stripped, cut to 128
+    characters, trailing spaces and dots stripped.
+    """
+    if replace_spaces:
+        text = text.replace(" ", "_")
+    text = text.translate({ord(c): "_" for c in INVALID_FILENAME_CHARS})
+    return text.lstrip(" ")[:MAX_FILENAME_PART_LENGTH].rstrip(" .")
+
+
+_LEADING_NUMBER = re.compile(r"(\d+)")
+
+
+def next_sequence_number(directory: str | os.PathLike) -> int:
+    """The number for the next saved file: 1 + the largest leading integer of any file name in `directory` (spec 9.4).
+
+    Reference: `modules/images.py` `get_next_sequence_number` with an empty basename: each name without its extension
+    is split at "-" and the first part read as an int (names whose first part is not an int are ignored). 0 for an
+    empty or missing directory.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    largest = -1
+    for entry in os.listdir(directory):
+        first = os.path.splitext(entry)[0].split("-")[0]
+        if _LEADING_NUMBER.fullmatch(first):
+            largest = max(largest, int(first))
+    return largest + 1
+
+
+def save_image(image: Image.Image, outdir: str | os.PathLike, seed: int, infotext: str | None = None, *,
+               prompt: str | None = None, date_subfolder: bool = True, suffix: str = "",
+               date: datetime.date | None = None) -> Path:
+    """Save `image` as PNG named like A1111's samples and never overwrite a file (spec 9.4). Returns the path.
+
+    Reference: `modules/images.py` `save_image` with the default options (`save_images_add_number`, pattern `[seed]`,
+    `save_to_dirs`). Directory: `outdir/<YYYY-MM-DD>` (`date`, default today) when `date_subfolder`, else `outdir`;
+    created if missing. Name: `%05d-<seed><suffix>.png` with the next free number (`next_sequence_number`), e.g.
+    `00000-1234.png`; without the date subfolder and with a `prompt`, A1111's `[seed]-[prompt_spaces]` pattern:
+    `00000-1234-a cat.png`. Prompt and suffix are sanitised. The file is opened with exclusive creation, so a file
+    that appears meanwhile is never overwritten (the number is bumped instead). `infotext` goes into the PNG text
+    chunk "parameters".
+    """
+    _check_image("image", image)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    directory = Path(outdir)
+    if date_subfolder:
+        directory = directory / (date or datetime.date.today()).isoformat()
+    directory.mkdir(parents=True, exist_ok=True)
+
+    decoration = str(seed)
+    if prompt is not None and not date_subfolder:
+        decoration += "-" + sanitize_filename_part(prompt, replace_spaces=False)
+    decoration += sanitize_filename_part(suffix)
+
+    pnginfo = None
+    if infotext is not None:
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text("parameters", infotext)
+
+    number = next_sequence_number(directory)
+    while True:
+        path = directory / f"{number:05d}-{decoration}.png"
+        try:
+            f = open(path, "xb")
+        except FileExistsError:
+            number += 1
+            continue
+        with f:
+            image.save(f, format="PNG", pnginfo=pnginfo)
+        return path

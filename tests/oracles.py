@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import importlib.util
 import sys
 import types
@@ -116,3 +117,85 @@ class NoiseSequence:
 
     def __call__(self, sigma=None, sigma_next=None) -> torch.Tensor:
         return self.draw(None)
+
+
+class GaussianMixture:
+    """Data distribution p0 = sum_k w_k N(mu_k, Sigma_k) in D dimensions, with closed-form denoiser and score.
+
+    For x = x0 + sigma n, n ~ N(0, I): p_sigma = sum_k w_k N(mu_k, Sigma_k + sigma^2 I), and
+        E[x0 | x] = sum_k r_k(x) (mu_k + Sigma_k (Sigma_k + sigma^2 I)^-1 (x - mu_k)),
+        grad log p_sigma(x) = -sum_k r_k(x) (Sigma_k + sigma^2 I)^-1 (x - mu_k),
+    with responsibilities r_k proportional to w_k N(x; mu_k, Sigma_k + sigma^2 I) (Bayes' rule for Gaussians).
+    Computed in the eigenbasis of each Sigma_k = U diag(lam) U^T. float64 throughout.
+
+    `denoise(x, sigma)` accepts x of shape [B, ...] with prod(...) = D and sigma a scalar or [B]; it is a valid
+    k-diffusion model: `model(x, sigma) -> denoised`.
+    """
+
+    def __init__(self, weights, means, covs):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # [K, D]
+        self.covs = torch.as_tensor(covs, dtype=torch.float64)  # [K, D, D]
+        self.lam, self.U = torch.linalg.eigh(self.covs)  # [K, D], [K, D, D]
+        self.dim = self.means.shape[1]
+
+    @classmethod
+    def example(cls, dim: int = 4, components: int = 3, seed: int = 0, scale: float = 1.0,
+                var_range=(0.05, 0.5)) -> "GaussianMixture":
+        """A fixed random mixture: means ~ N(0, scale^2), random rotations, eigenvalues uniform in var_range."""
+        g = torch.Generator().manual_seed(seed)
+        weights = torch.rand(components, generator=g, dtype=torch.float64) + 0.5
+        means = torch.randn(components, dim, generator=g, dtype=torch.float64) * scale
+        q, _ = torch.linalg.qr(torch.randn(components, dim, dim, generator=g, dtype=torch.float64))
+        lo, hi = var_range
+        lam = lo + (hi - lo) * torch.rand(components, dim, generator=g, dtype=torch.float64)
+        covs = q @ torch.diag_embed(lam) @ q.transpose(-1, -2)
+        return cls(weights / weights.sum(), means, covs)
+
+    def _parts(self, x, sigma):
+        shape = x.shape
+        y = x.reshape(shape[0], -1).to(torch.float64)  # [B, D]
+        s2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1) ** 2  # [B or 1, 1, 1]
+        z = torch.einsum("kde,bkd->bke", self.U, y[:, None, :] - self.means[None])  # U^T (x - mu_k): [B, K, D]
+        var = self.lam[None] + s2  # [B, K, D]
+        log_p = (self.weights.log()[None] - 0.5 * (z ** 2 / var).sum(-1) - 0.5 * var.log().sum(-1)
+                 - 0.5 * self.dim * math.log(2 * math.pi))
+        return shape, z, var, torch.softmax(log_p, dim=1)  # r: [B, K]
+
+    def denoise(self, x, sigma, **_):
+        shape, z, var, r = self._parts(x, sigma)
+        mean_k = self.means[None] + torch.einsum("kde,bke->bkd", self.U, z * self.lam[None] / var)
+        return (r[..., None] * mean_k).sum(1).reshape(shape).to(x.dtype)
+
+    __call__ = denoise
+
+    def score(self, x, sigma):
+        shape, z, var, r = self._parts(x, sigma)
+        score_k = -torch.einsum("kde,bke->bkd", self.U, z / var)
+        return (r[..., None] * score_k).sum(1).reshape(shape).to(x.dtype)
+
+    def mean(self) -> torch.Tensor:
+        return (self.weights[:, None] * self.means).sum(0)
+
+    def cov(self) -> torch.Tensor:
+        mu = self.mean()
+        d = self.means - mu
+        return (self.weights[:, None, None] * (self.covs + d[:, :, None] * d[:, None, :])).sum(0)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n draws from p0: [n, D] float64."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        n01 = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        chol = torch.linalg.cholesky(self.covs)
+        return self.means[k] + torch.einsum("nde,ne->nd", chol[k], n01)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily set torch's default dtype (k-diffusion builds some tensors with it, e.g. in DPMSolver)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -43,17 +43,21 @@ EMA_DECAY = 0.9999  # ldm/modules/ema.py `LitEma(decay=0.9999)`
 
 
 def tiny_unet(unet: UNetConfig) -> UNetConfig:
-    """The family's UNet at 1/10 width: same levels, blocks, attention layout and key names, SD1 head count 8
-    (or head width 4 when the family fixes head widths), context width 64. About 8.6 M parameters for SD1."""
-    head = {"num_head_channels": 4} if unet.num_head_channels != -1 else {"num_heads": unet.num_heads}
-    return replace(unet, model_channels=32, context_dim=64, **head)
+    """The family's UNet with narrow widths: same levels, blocks, attention layout and key names, context width 64.
+
+    Heads are not stored in the weights, so a loader takes them from the family; the tiny UNet keeps them:
+    SD1 (fixed head count 8) gets model_channels 32 (8 heads of 4); families with a fixed head width (64) get
+    model_channels 64 so each level still has whole heads. SD1: about 8.6 M parameters."""
+    channels = 32 if unet.num_head_channels == -1 else 64
+    return replace(unet, model_channels=channels, context_dim=64)
 
 
 def tiny_family(family: Family) -> Family:
-    """`family` with every component shrunk (UNet per `tiny_unet`, VAE ch 32, 64-wide 2-layer text encoders)
-    but the same key structure, so loaders and config detection see the family's layout."""
-    text = tuple(replace(t, width=64, layers=2, heads=4,
-                         projection_dim=64 if t.projection_dim else 0) for t in family.text)
+    """`family` with every component shrunk but the same key structure, so loaders and config detection see the
+    family's layout: UNet per `tiny_unet`, VAE ch 32, text encoders 64 wide with 2 layers and one head (CLIP's
+    head width is 64, the rule a loader uses to recover the head count from the width)."""
+    text = tuple(replace(t, width=64, layers=2, heads=1, projection_dim=64 if t.projection_dim else 0)
+                 for t in family.text)
     return replace(family, unet=tiny_unet(family.unet), vae=replace(family.vae, ch=32), text=text)
 
 

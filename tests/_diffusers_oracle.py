@@ -39,6 +39,11 @@ def ldm_original_config(unet: UNetConfig, vae: VAEConfig) -> dict:
     }}}
 
 
+def _independent(state_dict: dict) -> dict:
+    """Contiguous copies, so the oracle never shares storage with the module the weights came from."""
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}
+
+
 def diffusers_unet(unet_state_dict: dict, unet: UNetConfig, vae: VAEConfig | None = None):
     """diffusers UNet2DConditionModel (fp32, eval) holding `unet_state_dict` (LDM keys without prefix)."""
     from diffusers import UNet2DConditionModel
@@ -48,8 +53,9 @@ def diffusers_unet(unet_state_dict: dict, unet: UNetConfig, vae: VAEConfig | Non
     original = ldm_original_config(unet, vae or VAEConfig())
     config = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=None)
     converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
-    model = UNet2DConditionModel(**config)
-    model.load_state_dict(converted, strict=True)
+    with torch.device("meta"):  # no random init; the weights are assigned below
+        model = UNet2DConditionModel(**config)
+    model.load_state_dict(_independent(converted), strict=True, assign=True)
     return model.eval()
 
 
@@ -62,8 +68,9 @@ def diffusers_vae(vae_state_dict: dict, vae: VAEConfig):
     original = ldm_original_config(UNetConfig(), vae)
     config = sfu.create_vae_diffusers_config_from_ldm(original, checkpoint, image_size=None)
     converted = sfu.convert_ldm_vae_checkpoint(checkpoint, config)
-    model = AutoencoderKL(**config)
-    model.load_state_dict(converted, strict=True)
+    with torch.device("meta"):  # no random init; the weights are assigned below
+        model = AutoencoderKL(**config)
+    model.load_state_dict(_independent(converted), strict=True, assign=True)
     return model.eval()
 
 

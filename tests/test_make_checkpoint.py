@@ -148,3 +148,15 @@ def test_bad_arguments():
 def test_alphas_cumprod_agrees_with_the_schedules_module():
     from sdcore.sampling.denoisers import sd_alphas_cumprod
     assert torch.equal(mc.ldm_ddpm_buffers()["alphas_cumprod"], sd_alphas_cumprod())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint"])
+def test_tiny_config_is_what_the_loader_reads(family):
+    """Head counts are not in the weights: sdcore.checkpoint reads the rest off the shapes and takes heads from the
+    family (UNet) or width / 64 (CLIP); the tiny config must agree with it."""
+    from sdcore.checkpoint import detect_family
+    config = mc.family_config(family, "tiny")
+    shapes = {k: tuple(v.shape) for k, v in mc.make_state_dict(family, "tiny", seed=0).items()}
+    detected = detect_family(shapes).family
+    assert detected.name == family
+    assert (detected.unet, detected.vae, detected.text) == (config.unet, config.vae, config.text)

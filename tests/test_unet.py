@@ -47,6 +47,14 @@ def _max_errors(ours, theirs, config, generator, size=(16, 24)):
     return errors
 
 
+def _random_model(name, seed, size=(8, 8)):
+    """A UNet of CONFIGS[name] with seeded random weights, and inputs (x, context, y) of latent `size`."""
+    config = CONFIGS[name]
+    model = UNetModel(config, device="meta")
+    random_weights(model, seed=seed)
+    return model, _inputs(config, torch.Generator().manual_seed(seed + 1), size)
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request):
     config = CONFIGS[request.param]
@@ -81,10 +89,7 @@ def test_parity_detects_a_changed_weight(pair):
 
 
 def test_continuous_timesteps_are_not_rounded():
-    config = CONFIGS["sd1"]
-    model = UNetModel(config, device="meta")
-    random_weights(model, seed=4)
-    x, context, _ = _inputs(config, torch.Generator().manual_seed(5), size=(8, 8))
+    model, (x, context, _) = _random_model("sd1", seed=4)
     with torch.no_grad():
         a = model(x, torch.tensor([400.0, 400.0]), context)
         b = model(x, torch.tensor([400.5, 400.5]), context)
@@ -159,10 +164,7 @@ def test_meta_build_has_no_buffers_and_loads_with_assign():
 
 
 def test_bf16_close_to_fp32():
-    config = CONFIGS["sd1"]
-    model = UNetModel(config, device="meta")
-    random_weights(model, seed=7)
-    x, context, _ = _inputs(config, torch.Generator().manual_seed(8), size=(8, 8))
+    model, (x, context, _) = _random_model("sd1", seed=7)
     t = torch.tensor([10.5, 700.0])
     with torch.no_grad():
         ref = model(x, t, context)
@@ -172,10 +174,7 @@ def test_bf16_close_to_fp32():
 
 
 def test_bad_inputs_raise():
-    config = CONFIGS["sdxl-like"]
-    model = UNetModel(config, device="meta")
-    random_weights(model, seed=9)
-    x, context, y = _inputs(config, torch.Generator().manual_seed(10), size=(8, 8))
+    model, (x, context, y) = _random_model("sdxl-like", seed=9)
     t = torch.tensor([1.0, 2.0])
     with pytest.raises(ValueError, match=r"x must be \[B, 4"):
         model(x[:, :3], t, context, y)

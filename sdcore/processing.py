@@ -69,6 +69,7 @@ class Options:
     rho: float = 0.0
     always_discard_next_to_last_sigma: bool = False
     use_old_karras_scheduler_sigmas: bool = False
+    save_to_dirs: bool = True  # outputs go to a YYYY-MM-DD subfolder
     vae_encode_sample: bool = True  # A1111 samples the VAE posterior (seeded here per image); False = its mean
 
 
@@ -537,9 +538,10 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         if self.opts.img2img_extra_noise > 0:
             self.extra_generation_params["Extra noise"] = self.opts.img2img_extra_noise
             xi = xi + x * self.opts.img2img_extra_noise
-        if self.scheduler not in (None, "automatic", "Automatic") or self.sampler.scheduler:
-            self.extra_generation_params["Schedule type"] = schedules.scheduler_label(
-                self.scheduler or self.sampler.scheduler)
+        automatic = self.scheduler in (None, "automatic", "Automatic")
+        if not automatic or self.sampler.scheduler:
+            name = self.sampler.scheduler if automatic else self.scheduler
+            self.extra_generation_params["Schedule type"] = schedules.find_scheduler(name).label
         denoiser = self.make_denoiser()
         function = self.sampler.function
         extra_args = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": self.cfg_scale,
@@ -590,15 +592,14 @@ class Processed:
 def create_infotext(p: StableDiffusionProcessing, index: int) -> str:
     """The A1111 "parameters" text of image `index` (spec 9.3)."""
     sd = p.sd_model
+    resize = (p.seed_resize_from_w, p.seed_resize_from_h)
     return infotext.create_infotext(
-        prompt=p.all_prompts[index], negative_prompt=p.all_negative_prompts[index], steps=p.steps,
-        sampler=p.sampler.name, scheduler=p.scheduler or "Automatic", cfg_scale=p.cfg_scale,
-        image_cfg_scale=getattr(p, "image_cfg_scale", None), seed=p.all_seeds[index], width=p.width,
-        height=p.height, model_hash=sd.shorthash(), model=sd.name,
+        p.all_prompts[index], p.all_negative_prompts[index], steps=p.steps, sampler=p.sampler.name,
+        scheduler=p.scheduler or "Automatic", cfg_scale=p.cfg_scale, image_cfg_scale=getattr(p, "image_cfg_scale", None),
+        seed=p.all_seeds[index], width=p.width, height=p.height, model_hash=sd.shorthash(), model=sd.name,
         subseed=p.all_subseeds[index] if p.subseed_strength else None,
         subseed_strength=p.subseed_strength or None,
-        seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h)
-        if p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0 else None,
+        seed_resize_from=resize if min(resize) > 0 else None,
         conditional_mask_weight=p.opts.inpainting_mask_weight if p.is_using_inpainting_conditioning else None,
         clip_skip=p.opts.CLIP_stop_at_last_layers if p.opts.CLIP_stop_at_last_layers > 1 else None,
         ensd=p.opts.eta_noise_seed_delta or None,
@@ -639,7 +640,8 @@ def process_images(p: StableDiffusionProcessing, callback=None, disable_progress
                     image = images.apply_overlay(image, p.paste_to, p.overlay_images[i])
                 text = create_infotext(p, index)
                 if p.outpath_samples and not p.do_not_save_samples:
-                    paths.append(images.save_image(image, p.outpath_samples, p.all_seeds[index], text))
+                    paths.append(images.save_image(image, p.outpath_samples, p.all_seeds[index], text,
+                                                    date_subfolder=p.opts.save_to_dirs))
                 out_images.append(image)
                 infotexts.append(text)
     return Processed(images=out_images, seeds=list(p.all_seeds), subseeds=list(p.all_subseeds),

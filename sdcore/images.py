@@ -209,7 +209,7 @@ def expand_crop_region(crop_region: tuple[int, int, int, int], processing_width:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Masks (spec 2.2, 2.9)
+# Flatten and masks (spec 2.2, 2.5.2, 2.9)
 # ---------------------------------------------------------------------------------------------------------------
 
 def flatten(img: Image.Image, bgcolor: str | tuple[int, ...] = "#ffffff") -> Image.Image:

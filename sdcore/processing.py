@@ -31,10 +31,10 @@ from PIL import Image, ImageOps
 from . import images, infotext, rng
 from .checkpoint import StableDiffusionModel
 from .sampling import schedules
-from .sampling.denoisers import CFGDenoiser, CompVisDenoiser
+from .sampling.denoisers import CFGDenoiser, CompVisDenoiser, with_call_index
 from .sampling.samplers import SamplerInfo, find_sampler
 
-VERSION = "sdcore-0.1.0"
+VERSION = infotext.VERSION
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Options:
     sigma_min: float = 0.0  # 0 = the model's
     sigma_max: float = 0.0
     rho: float = 0.0
+    use_old_scheduling: bool = False
     always_discard_next_to_last_sigma: bool = False
     use_old_karras_scheduler_sigmas: bool = False
     save_to_dirs: bool = True  # outputs go to a YYYY-MM-DD subfolder
@@ -243,15 +244,38 @@ class StableDiffusionProcessing:
 
     # -- text -----------------------------------------------------------------------------------------------------
 
-    def get_conds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Cross-attention conditioning {"c_crossattn": [B, 77*k, C]} for a batch of prompts (spec 11)."""
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Plain texts -> cross-attention conditioning [N, 77*k, C] (spec 11.4: chunks, emphasis, clip skip)."""
         from .prompts import encode_prompts
 
         sd = self.sd_model
-        with torch.no_grad():
-            c = encode_prompts(sd.text_encoders[0], sd.tokenizer, prompts, clip_skip=self.opts.CLIP_stop_at_last_layers,
-                               emphasis=self.opts.emphasis)
-        return {"c_crossattn": c.to(sd.device)}
+        c = encode_prompts(sd.text_encoders[0], sd.tokenizer, texts, clip_skip=self.opts.CLIP_stop_at_last_layers,
+                           emphasis=self.opts.emphasis)
+        return c.to(sd.device)
+
+    def setup_conds(self, prompts: list[str], negative_prompts: list[str]):
+        """(c, uc): prompt-edited, AND-composed conditioning for this batch (spec 11.1, 11.3; A1111 `setup_conds`).
+
+        Schedules are computed for `sampler.total_steps(steps)` model calls (x2 for second-order samplers).
+        """
+        from .prompts import get_learned_conditioning, get_multicond_learned_conditioning
+
+        total = self.sampler.total_steps(self.steps)
+        uc = get_learned_conditioning(self.encode_texts, negative_prompts, total,
+                                      use_old_scheduling=self.opts.use_old_scheduling)
+        c = get_multicond_learned_conditioning(self.encode_texts, prompts, total,
+                                               use_old_scheduling=self.opts.use_old_scheduling)
+        return c, uc
+
+    @staticmethod
+    def cond_extra_args(c, uc) -> dict[str, Any]:
+        """CFGDenoiser arguments that give, for model call `step`, the scheduled cond rows and uncond (spec 7.2)."""
+        from .prompts import reconstruct_cond_batch, reconstruct_multicond_batch
+
+        conds_list, _ = reconstruct_multicond_batch(c, 0)
+        return {"cond": lambda step: {"c_crossattn": reconstruct_multicond_batch(c, step)[1]},
+                "uncond": lambda step: {"c_crossattn": reconstruct_cond_batch(uc, step)},
+                "conds_list": conds_list}
 
     # -- sampler ------------------------------------------------------------------------------------------------
 
@@ -291,12 +315,6 @@ class StableDiffusionProcessing:
         from .sampling.denoisers import DiscreteSchedule
 
         return DiscreteSchedule(self.sd_model.alphas_cumprod)
-
-    def make_denoiser(self) -> CFGDenoiser:
-        sd = self.sd_model
-        inner = CompVisDenoiser(sd.apply_model, sd.alphas_cumprod.to(sd.device), prediction=sd.family.prediction)
-        return CFGDenoiser(inner, mask=getattr(self, "mask", None), nmask=getattr(self, "nmask", None),
-                           init_latent=getattr(self, "init_latent", None))
 
     def noise_sampler(self, x: torch.Tensor, sigmas: torch.Tensor, noise: rng.ImageRNG, seeds: list[int]):
         """Per-step noise: the image RNG's next draw (A1111's randn_like proxy), or a per-image Brownian tree."""
@@ -524,35 +542,92 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
 
     # -- sample (spec 6) -----------------------------------------------------------------------------------------
 
-    def sample(self, conditioning: dict, unconditional_conditioning: dict, seeds: list[int], subseeds: list[int],
-               noise_rng: rng.ImageRNG, callback=None, disable_progress: bool | None = None) -> torch.Tensor:
-        """Latents [B,4,h,w] for this iteration's images (spec 6.1-6.3)."""
+    def sample(self, c, uc, seeds: list[int], subseeds: list[int], noise_rng: rng.ImageRNG, callback=None,
+               disable_progress: bool | None = None) -> torch.Tensor:
+        """Latents [B,4,h,w] for this iteration's images (spec 6.1-6.4)."""
         x = noise_rng.next().float()
         if self.initial_noise_multiplier != 1.0:
             self.extra_generation_params["Noise multiplier"] = self.initial_noise_multiplier
             x = x * self.initial_noise_multiplier
         steps, t_enc = schedules.setup_img2img_steps(self.steps, self.denoising_strength, self.opts.img2img_fix_steps)
+        run = self.run_timestep_sampler if self.sampler.kind == "timestep" else self.run_kdiffusion_sampler
+        samples = run(x, steps, t_enc, self.cond_extra_args(c, uc), noise_rng, seeds, callback, disable_progress)
+        if self.mask is not None:
+            samples = samples * self.nmask + self.init_latent * self.mask
+        return samples
+
+    def run_kdiffusion_sampler(self, noise, steps, t_enc, cond_args, noise_rng, seeds, callback, disable):
+        """k-diffusion img2img (spec 6.3): slice the sigmas, noise the init latent to sigma_sched[0], sample."""
         sigmas = self.get_sigmas(steps).to(self.sd_model.device)
         sigma_sched = schedules.img2img_sigmas(sigmas, steps, t_enc)
-        xi = self.init_latent + x * sigma_sched[0]
+        xi = self.init_latent + noise * sigma_sched[0]
         if self.opts.img2img_extra_noise > 0:
             self.extra_generation_params["Extra noise"] = self.opts.img2img_extra_noise
-            xi = xi + x * self.opts.img2img_extra_noise
+            xi = xi + noise * self.opts.img2img_extra_noise
+        return self.launch_sampling(xi, sigma_sched, sigmas, t_enc + 1, cond_args, noise_rng, seeds, callback,
+                                    disable)
+
+    def launch_sampling(self, x, sigma_sched, sigmas, n_steps, cond_args, noise_rng, seeds, callback, disable):
+        """Run the k-diffusion function over `sigma_sched` from `x` with CFG and the mask blend."""
+        info, sd = self.sampler, self.sd_model
+        self.record_schedule_type()
+        inner = CompVisDenoiser(sd.apply_model, sd.alphas_cumprod.to(sd.device), prediction=sd.family.prediction)
+        cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
+                          image_cfg_scale=getattr(self, "image_cfg_scale", None),
+                          is_edit_model=sd.family.conditioning == "edit")
+        model = with_call_index(cfg, info.total_steps(n_steps))
+        extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning,
+                      "s_min_uncond": self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond}
+        fn = info.function
+        params = inspect.signature(fn).parameters
+        kw = self.sampler_kwargs(fn)
+        if "sigma_min" in params:  # DPM fast / adaptive take a sigma range, not a schedule (spec 6.3 step 3)
+            kw.update(sigma_min=sigma_sched[-2], sigma_max=sigma_sched[0])
+            if "n" in params:
+                kw["n"] = len(sigma_sched) - 1
+            args = (model, x)
+        else:
+            args = (model, x, sigma_sched)
+        return fn(*args, extra_args=extra_args, callback=callback, disable=disable,
+                  noise_sampler=self.noise_sampler(x, sigmas, noise_rng, seeds), **kw)
+
+    def run_timestep_sampler(self, noise, steps, t_enc, cond_args, noise_rng, seeds, callback, disable):
+        """DDIM / PLMS / UniPC img2img (spec 6.4): noise to abar[timesteps[t_enc]], mask blended before each call."""
+        from .sampling.timesteps import get_timesteps, img2img_start
+
+        sd, info = self.sd_model, self.sampler
+        alphas = sd.alphas_cumprod.to(sd.device)
+        timesteps = get_timesteps(steps, info.discard_next_to_last_sigma, device=sd.device)
+        xi, ts = img2img_start(self.init_latent, noise, timesteps, t_enc, alphas, self.opts.img2img_extra_noise)
+        return self.launch_timestep_sampling(xi, ts, cond_args, noise_rng, callback, disable, is_img2img=True)
+
+    def launch_timestep_sampling(self, x, timesteps, cond_args, noise_rng, callback, disable, is_img2img):
+        from .sampling.timesteps import TIMESTEP_SAMPLERS, CompVisTimestepsDenoiser
+
+        sd, info = self.sd_model, self.sampler
+        alphas = sd.alphas_cumprod.to(sd.device)
+        inner = CompVisTimestepsDenoiser(sd.apply_model, alphas, prediction=sd.family.prediction)
+        cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
+                          image_cfg_scale=getattr(self, "image_cfg_scale", None),
+                          is_edit_model=sd.family.conditioning == "edit", mask_before_denoising=True)
+        model = with_call_index(cfg, len(timesteps))
+        extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning}
+        fn = TIMESTEP_SAMPLERS[info.name]
+        params = inspect.signature(fn).parameters
+        kw = {}
+        if "eta" in params:
+            kw["eta"] = self.eta if self.eta is not None else self.opts.eta_ddim
+            kw["noise_sampler"] = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)
+        if "is_img2img" in params:
+            kw["is_img2img"] = is_img2img
+        return fn(model, x, timesteps, alphas, extra_args=extra_args, callback=callback, disable=disable, **kw)
+
+    def record_schedule_type(self) -> None:
+        """Infotext "Schedule type": the resolved label unless Automatic resolves to nothing (spec 9.3)."""
         automatic = self.scheduler in (None, "automatic", "Automatic")
         if not automatic or self.sampler.scheduler:
             name = self.sampler.scheduler if automatic else self.scheduler
             self.extra_generation_params["Schedule type"] = schedules.find_scheduler(name).label
-        denoiser = self.make_denoiser()
-        function = self.sampler.function
-        extra_args = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": self.cfg_scale,
-                      "image_cond": self.image_conditioning}
-        samples = function(denoiser, xi, sigma_sched, extra_args=extra_args, callback=callback,
-                           disable=disable_progress,
-                           noise_sampler=self.noise_sampler(xi, sigmas, noise_rng, seeds),
-                           **self.sampler_kwargs(function))
-        if self.mask is not None:
-            samples = samples * self.nmask + self.init_latent * self.mask
-        return samples
 
 
 @dataclass
@@ -627,8 +702,7 @@ def process_images(p: StableDiffusionProcessing, callback=None, disable_progress
             sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
             seeds, subseeds = p.all_seeds[sl], p.all_subseeds[sl]
             noise_rng = p.make_rng(seeds, subseeds)
-            c = p.get_conds(p.all_prompts[sl])
-            uc = p.get_conds(p.all_negative_prompts[sl])
+            c, uc = p.setup_conds(p.all_prompts[sl], p.all_negative_prompts[sl])
             samples = p.sample(c, uc, seeds, subseeds, noise_rng, callback=callback,
                                disable_progress=disable_progress)
             decoded = p.decode_first_stage(samples.to(sd.device))

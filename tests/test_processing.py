@@ -141,3 +141,32 @@ def test_bad_values_raise_naming_the_field(sd1_tiny, photo, field, value):
 def test_unimplemented_field_raises(sd1_tiny, photo):
     with pytest.raises(NotImplementedError, match="restore_faces"):
         process_images(job(sd1_tiny, photo, restore_faces=True))
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a",
+                                     "DPM++ 3M SDE", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast",
+                                     "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC"])
+def test_every_sampler_runs_img2img_and_keeps_unmasked_latents(sd1_tiny, photo, sampler):
+    p = job(sd1_tiny, photo, sampler_name=sampler, steps=4, mask=rect_mask(photo.size, (16, 16, 48, 48)),
+            mask_blur=0, inpaint_full_res=False)
+    processed = process_images(p, disable_progress=True)
+    assert processed.images[0].size == (SIZE, SIZE)
+    assert f"Sampler: {sampler}," in processed.info
+
+
+def test_prompt_editing_switches_conditioning_at_the_scheduled_call(sd1_tiny, photo, monkeypatch):
+    # spec 11.3: "[cat:dog:0.5]" with 6 steps -> schedule [[3, "cat"], [6, "dog"]]; model call j (0-based) uses
+    # the first entry with j <= end_at_step: calls 0..3 "cat", calls 4..5 "dog". Euler at d=1 makes 6 calls.
+    seen = []
+    original = sd1_tiny.apply_model
+
+    def spy(x, t, c_crossattn, **kw):
+        seen.append(c_crossattn[0].clone())  # row 0 = the cond row of image 0
+        return original(x, t, c_crossattn, **kw)
+
+    monkeypatch.setattr(sd1_tiny, "apply_model", spy)
+    p = job(sd1_tiny, photo, prompt="[cat:dog:0.5]", sampler_name="Euler", steps=6, denoising_strength=1.0)
+    process_images(p)
+    cat, dog = p.encode_texts(["cat", "dog"])
+    assert len(seen) == 6
+    assert all(torch.equal(s, cat) for s in seen[:4]) and all(torch.equal(s, dog) for s in seen[4:])

@@ -17,8 +17,8 @@ Every sampler has k-diffusion's contract (STYLE.md 5):
 - `callback({'x', 'i', 'sigma', 'sigma_hat', 'denoised'})` once per step, before the update, as k-diffusion.
 - Returns x at sigmas[-1] (the sample when that is 0).
 
-Glossary: B batch size; sigma noise level; t = -log(sigma), DPM-Solver's time variable (half the log-SNR lambda
-for alpha = 1); h = t_next - t the step in t; D = denoised; d = (x - D) / sigma the probability-flow ODE derivative
+Glossary: B batch size; sigma noise level; t = -log(sigma), DPM-Solver's time variable lambda = log(alpha/sigma)
+(half the log-SNR) with alpha = 1; h = t_next - t the step in t; D = denoised; d = (x - D) / sigma the probability-flow ODE derivative
 dx/dsigma (Karras et al. 2022, eq. 3 with sigma(t) = t).
 
 Papers: Karras et al. 2022 "Elucidating the Design Space of Diffusion-Based Generative Models" (arXiv:2206.00364);
@@ -622,7 +622,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     With H = (1 + eta) h, the first-order SDE step plus phi_2 d1 - phi_3 d2, where d1, d2 are the first and second
     divided differences of D in t (scaled by h) over the last three steps, phi_2 = 1 - (1 - e^-H)/H and
     phi_3 = phi_2 / H - 1/2 (the integrals of e^-(H - u) u^k / k! terms, normalised by H^k). Orders 1, 2, then 3;
-    the step to sigma = 0 returns D.
+    the step to sigma = 0 returns D. Note: d2 ~ h^2 D''/2 while the exact step needs -phi_3 h^2 D'', so with eta = 0
+    this is a second-order method, not third (docs/sampler_convergence.md); kept as k-diffusion for parity.
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpmpp_3m_sde")
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None

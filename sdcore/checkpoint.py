@@ -95,6 +95,16 @@ class StableDiffusionModel:
         full = self.sha256()
         return full[:10] if full else None
 
+    def encode_texts(self, texts: list[str], clip_skip: int = 1, emphasis: str = "Original", **size) -> torch.Tensor:
+        """Cross-attention conditioning [N, 77*k, C] of plain texts (SD1 family: one CLIP text encoder).
+
+        `size` (width, height in pixels) is accepted for families with size conditioning and unused here.
+        """
+        from .prompts import encode_prompts
+
+        c = encode_prompts(self.text_encoders[0], self.tokenizer, texts, clip_skip=clip_skip, emphasis=emphasis)
+        return c.to(self.device)
+
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: torch.Tensor,
                     c_concat: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """UNet output (eps or v) for latents x [B,4,h,w] at continuous timesteps t [B].

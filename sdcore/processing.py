@@ -244,14 +244,11 @@ class StableDiffusionProcessing:
 
     # -- text -----------------------------------------------------------------------------------------------------
 
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        """Plain texts -> cross-attention conditioning [N, 77*k, C] (spec 11.4: chunks, emphasis, clip skip)."""
-        from .prompts import encode_prompts
-
-        sd = self.sd_model
-        c = encode_prompts(sd.text_encoders[0], sd.tokenizer, texts, clip_skip=self.opts.CLIP_stop_at_last_layers,
-                           emphasis=self.opts.emphasis)
-        return c.to(sd.device)
+    def encode_texts(self, texts: list[str]):
+        """Plain texts -> conditioning: [N, 77*k, C], or a dict {"c_crossattn": ..., "y": [N, adm]} for models
+        with vector conditioning (spec 11.4: chunks, emphasis, clip skip). Delegates to the model."""
+        return self.sd_model.encode_texts(texts, clip_skip=self.opts.CLIP_stop_at_last_layers,
+                                          emphasis=self.opts.emphasis, width=self.width, height=self.height)
 
     def setup_conds(self, prompts: list[str], negative_prompts: list[str]):
         """(c, uc): prompt-edited, AND-composed conditioning for this batch (spec 11.1, 11.3; A1111 `setup_conds`).
@@ -273,8 +270,8 @@ class StableDiffusionProcessing:
         from .prompts import reconstruct_cond_batch, reconstruct_multicond_batch
 
         conds_list, _ = reconstruct_multicond_batch(c, 0)
-        return {"cond": lambda step: {"c_crossattn": reconstruct_multicond_batch(c, step)[1]},
-                "uncond": lambda step: {"c_crossattn": reconstruct_cond_batch(uc, step)},
+        return {"cond": lambda step: as_cond_dict(reconstruct_multicond_batch(c, step)[1]),
+                "uncond": lambda step: as_cond_dict(reconstruct_cond_batch(uc, step)),
                 "conds_list": conds_list}
 
     # -- sampler ------------------------------------------------------------------------------------------------
@@ -324,6 +321,11 @@ class StableDiffusionProcessing:
             positive = sigmas[sigmas > 0]
             return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seeds=seeds)
         return lambda sigma, sigma_next: noise.next().to(x.dtype)
+
+
+def as_cond_dict(cond) -> dict[str, torch.Tensor]:
+    """CFGDenoiser's cond format: a text tensor [N,T,C] becomes {"c_crossattn": it}; dicts pass through."""
+    return dict(cond) if isinstance(cond, dict) else {"c_crossattn": cond}
 
 
 def _expand(value: str | list[str], n: int, name: str) -> list[str]:
@@ -525,6 +527,10 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         masked image is lerp(source, source * (1 - cmask), inpainting_mask_weight); the mask goes to latent size by
         nearest interpolation. Returns None for models without image conditioning.
         """
+        if self.sd_model.family.conditioning == "edit":
+            # instruct-pix2pix: the posterior mean of the source, without scale_factor (spec 5)
+            sd = self.sd_model
+            return torch.cat([sd.vae.encode(px[None].to(sd.device, sd.vae_dtype)).mode() for px in source]).float()
         if self.sd_model.family.conditioning != "hybrid":
             return None
         self.is_using_inpainting_conditioning = True

@@ -1,14 +1,14 @@
 """sdcore: a minimal, readable PyTorch implementation of Stable Diffusion img2img and inpainting.
 
 Public API (DESIGN.md): `load_checkpoint`, `StableDiffusionProcessingImg2Img`, `process_images`, `Processed`,
-`Options`. They are imported on first use, so `import sdcore.families` stays light.
+`Options`, `StableDiffusionProcessingTxt2Img`. They are imported on first use, so `import sdcore.families` stays light.
 """
 import importlib
 
 _API = {
     "CheckpointError": "checkpoint", "StableDiffusionModel": "checkpoint", "load_checkpoint": "checkpoint",
     "Options": "processing", "Processed": "processing", "StableDiffusionProcessingImg2Img": "processing",
-    "process_images": "processing",
+    "process_images": "processing", "StableDiffusionProcessingTxt2Img": "processing",
 }
 __all__ = sorted(_API)
 

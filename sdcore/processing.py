@@ -141,6 +141,12 @@ class StableDiffusionProcessing:
     all_seeds: list[int] | None = field(default=None, init=False)
     all_subseeds: list[int] | None = field(default=None, init=False)
 
+    # Img2img state read by the shared sampling code; txt2img leaves them None (no mask, no init latent).
+    mask = None
+    nmask = None
+    init_latent = None
+    image_conditioning = None
+
     # Fields accepted for signature compatibility whose non-default values sdcore cannot honour.
     _NOT_IMPLEMENTED = {
         "styles": (None, []), "restore_faces": (None, False), "tiling": (None, False),
@@ -250,18 +256,18 @@ class StableDiffusionProcessing:
         return self.sd_model.encode_texts(texts, clip_skip=self.opts.CLIP_stop_at_last_layers,
                                           emphasis=self.opts.emphasis, width=self.width, height=self.height)
 
-    def setup_conds(self, prompts: list[str], negative_prompts: list[str]):
+    def setup_conds(self, prompts: list[str], negative_prompts: list[str], hires_steps: int | None = None):
         """(c, uc): prompt-edited, AND-composed conditioning for this batch (spec 11.1, 11.3; A1111 `setup_conds`).
 
-        Schedules are computed for `sampler.total_steps(steps)` model calls (x2 for second-order samplers).
+        Schedules are computed for `sampler.total_steps(steps)` model calls (x2 for second-order samplers); for a
+        hires pass, `hires_steps` is the second pass's count (A1111 `calculate_hr_conds`).
         """
         from .prompts import get_learned_conditioning, get_multicond_learned_conditioning
 
         total = self.sampler.total_steps(self.steps)
-        uc = get_learned_conditioning(self.encode_texts, negative_prompts, total,
-                                      use_old_scheduling=self.opts.use_old_scheduling)
-        c = get_multicond_learned_conditioning(self.encode_texts, prompts, total,
-                                               use_old_scheduling=self.opts.use_old_scheduling)
+        kw = dict(hires_steps=hires_steps, use_old_scheduling=self.opts.use_old_scheduling)
+        uc = get_learned_conditioning(self.encode_texts, negative_prompts, total, **kw)
+        c = get_multicond_learned_conditioning(self.encode_texts, prompts, total, **kw)
         return c, uc
 
     @staticmethod
@@ -321,6 +327,115 @@ class StableDiffusionProcessing:
             positive = sigmas[sigmas > 0]
             return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seeds=seeds)
         return lambda sigma, sigma_next: noise.next().to(x.dtype)
+
+    def img2img_image_conditioning(self, source: torch.Tensor, latent: torch.Tensor, image_mask: Image.Image | None,
+                                   seeds: list[int]) -> torch.Tensor | None:
+        """c_concat for 9-channel inpainting UNets (spec 5.1): [B, 1 + 4, h, w] = mask, masked-image latent.
+
+        `source` [B,3,H,W] in [-1,1]. cmask is the processing mask (1 = regenerate), rounded when mask_round; the
+        masked image is lerp(source, source * (1 - cmask), inpainting_mask_weight); the mask goes to latent size by
+        nearest interpolation. Returns None for models without image conditioning.
+        """
+        if self.sd_model.family.conditioning == "edit":
+            # instruct-pix2pix: the posterior mean of the source, without scale_factor (spec 5)
+            sd = self.sd_model
+            return torch.cat([sd.vae.encode(px[None].to(sd.device, sd.vae_dtype)).mode() for px in source]).float()
+        if self.sd_model.family.conditioning != "hybrid":
+            return None
+        self.is_using_inpainting_conditioning = True
+        if image_mask is not None:
+            cmask = torch.from_numpy(np.asarray(image_mask.convert("L"), dtype=np.float32) / 255.0)
+            cmask = cmask[None, None].to(source.device)
+            if self.mask_round:
+                cmask = torch.round(cmask)
+        else:
+            cmask = source.new_ones(1, 1, *source.shape[-2:])
+        masked = torch.lerp(source, source * (1.0 - cmask), self.opts.inpainting_mask_weight)
+        masked_latent = self.encode_first_stage(masked, seeds)
+        cmask = F.interpolate(cmask, size=latent.shape[-2:]).expand(latent.shape[0], -1, -1, -1)
+        return torch.cat([cmask, masked_latent], dim=1).to(latent.dtype)
+
+    def txt2img_image_conditioning(self, x: torch.Tensor, seeds: list[int]) -> torch.Tensor | None:
+        """c_concat for txt2img with a 9-channel model (spec 5.1): a ones mask and the latent of a 0.5-grey image."""
+        if self.sd_model.family.conditioning == "edit":
+            raise NotImplementedError("txt2img with an instruct-pix2pix (edit) model is not supported; use img2img")
+        if self.sd_model.family.conditioning != "hybrid":
+            return None
+        grey = x.new_zeros(x.shape[0], 3, x.shape[2] * 8, x.shape[3] * 8)  # 0.5 in [0,1] is 0 in [-1,1]
+        return self.img2img_image_conditioning(grey, x, None, seeds)
+
+    def run_kdiffusion_sampler(self, noise, steps, t_enc, cond_args, noise_rng, seeds, callback, disable):
+        """k-diffusion img2img (spec 6.3): slice the sigmas, noise the init latent to sigma_sched[0], sample."""
+        sigmas = self.get_sigmas(steps).to(self.sd_model.device)
+        sigma_sched = schedules.img2img_sigmas(sigmas, steps, t_enc)
+        xi = self.init_latent + noise * sigma_sched[0]
+        if self.opts.img2img_extra_noise > 0:
+            self.extra_generation_params["Extra noise"] = self.opts.img2img_extra_noise
+            xi = xi + noise * self.opts.img2img_extra_noise
+        return self.launch_sampling(xi, sigma_sched, sigmas, t_enc + 1, cond_args, noise_rng, seeds, callback,
+                                    disable)
+
+    def launch_sampling(self, x, sigma_sched, sigmas, n_steps, cond_args, noise_rng, seeds, callback, disable):
+        """Run the k-diffusion function over `sigma_sched` from `x` with CFG and the mask blend."""
+        info, sd = self.sampler, self.sd_model
+        self.record_schedule_type()
+        inner = CompVisDenoiser(sd.apply_model, sd.alphas_cumprod.to(sd.device), prediction=sd.family.prediction)
+        cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
+                          image_cfg_scale=getattr(self, "image_cfg_scale", None),
+                          is_edit_model=sd.family.conditioning == "edit")
+        model = with_call_index(cfg, info.total_steps(n_steps))
+        extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning,
+                      "s_min_uncond": self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond}
+        fn = info.function
+        params = inspect.signature(fn).parameters
+        kw = self.sampler_kwargs(fn)
+        if "sigma_min" in params:  # DPM fast / adaptive take a sigma range, not a schedule (spec 6.3 step 3)
+            kw.update(sigma_min=sigma_sched[-2], sigma_max=sigma_sched[0])
+            if "n" in params:
+                kw["n"] = len(sigma_sched) - 1
+            args = (model, x)
+        else:
+            args = (model, x, sigma_sched)
+        return fn(*args, extra_args=extra_args, callback=callback, disable=disable,
+                  noise_sampler=self.noise_sampler(x, sigmas, noise_rng, seeds), **kw)
+
+    def run_timestep_sampler(self, noise, steps, t_enc, cond_args, noise_rng, seeds, callback, disable):
+        """DDIM / PLMS / UniPC img2img (spec 6.4): noise to abar[timesteps[t_enc]], mask blended before each call."""
+        from .sampling.timesteps import get_timesteps, img2img_start
+
+        sd, info = self.sd_model, self.sampler
+        alphas = sd.alphas_cumprod.to(sd.device)
+        timesteps = get_timesteps(steps, info.discard_next_to_last_sigma, device=sd.device)
+        xi, ts = img2img_start(self.init_latent, noise, timesteps, t_enc, alphas, self.opts.img2img_extra_noise)
+        return self.launch_timestep_sampling(xi, ts, cond_args, noise_rng, callback, disable, is_img2img=True)
+
+    def launch_timestep_sampling(self, x, timesteps, cond_args, noise_rng, callback, disable, is_img2img):
+        from .sampling.timesteps import TIMESTEP_SAMPLERS, CompVisTimestepsDenoiser
+
+        sd, info = self.sd_model, self.sampler
+        alphas = sd.alphas_cumprod.to(sd.device)
+        inner = CompVisTimestepsDenoiser(sd.apply_model, alphas, prediction=sd.family.prediction)
+        cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
+                          image_cfg_scale=getattr(self, "image_cfg_scale", None),
+                          is_edit_model=sd.family.conditioning == "edit", mask_before_denoising=True)
+        model = with_call_index(cfg, len(timesteps))
+        extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning}
+        fn = TIMESTEP_SAMPLERS[info.name]
+        params = inspect.signature(fn).parameters
+        kw = {}
+        if "eta" in params:
+            kw["eta"] = self.eta if self.eta is not None else self.opts.eta_ddim
+            kw["noise_sampler"] = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)
+        if "is_img2img" in params:
+            kw["is_img2img"] = is_img2img
+        return fn(model, x, timesteps, alphas, extra_args=extra_args, callback=callback, disable=disable, **kw)
+
+    def record_schedule_type(self) -> None:
+        """Infotext "Schedule type": the resolved label unless Automatic resolves to nothing (spec 9.3)."""
+        automatic = self.scheduler in (None, "automatic", "Automatic")
+        if not automatic or self.sampler.scheduler:
+            name = self.sampler.scheduler if automatic else self.scheduler
+            self.extra_generation_params["Schedule type"] = schedules.find_scheduler(name).label
 
 
 def as_cond_dict(cond) -> dict[str, torch.Tensor]:
@@ -519,37 +634,10 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
                 self.extra_generation_params["Masked content"] = "latent nothing"
         self.image_conditioning = self.img2img_image_conditioning(source, self.init_latent, image_mask, all_seeds)
 
-    def img2img_image_conditioning(self, source: torch.Tensor, latent: torch.Tensor, image_mask: Image.Image | None,
-                                   seeds: list[int]) -> torch.Tensor | None:
-        """c_concat for 9-channel inpainting UNets (spec 5.1): [B, 1 + 4, h, w] = mask, masked-image latent.
-
-        `source` [B,3,H,W] in [-1,1]. cmask is the processing mask (1 = regenerate), rounded when mask_round; the
-        masked image is lerp(source, source * (1 - cmask), inpainting_mask_weight); the mask goes to latent size by
-        nearest interpolation. Returns None for models without image conditioning.
-        """
-        if self.sd_model.family.conditioning == "edit":
-            # instruct-pix2pix: the posterior mean of the source, without scale_factor (spec 5)
-            sd = self.sd_model
-            return torch.cat([sd.vae.encode(px[None].to(sd.device, sd.vae_dtype)).mode() for px in source]).float()
-        if self.sd_model.family.conditioning != "hybrid":
-            return None
-        self.is_using_inpainting_conditioning = True
-        if image_mask is not None:
-            cmask = torch.from_numpy(np.asarray(image_mask.convert("L"), dtype=np.float32) / 255.0)
-            cmask = cmask[None, None].to(source.device)
-            if self.mask_round:
-                cmask = torch.round(cmask)
-        else:
-            cmask = source.new_ones(1, 1, *source.shape[-2:])
-        masked = torch.lerp(source, source * (1.0 - cmask), self.opts.inpainting_mask_weight)
-        masked_latent = self.encode_first_stage(masked, seeds)
-        cmask = F.interpolate(cmask, size=latent.shape[-2:]).expand(latent.shape[0], -1, -1, -1)
-        return torch.cat([cmask, masked_latent], dim=1).to(latent.dtype)
-
     # -- sample (spec 6) -----------------------------------------------------------------------------------------
 
-    def sample(self, c, uc, seeds: list[int], subseeds: list[int], noise_rng: rng.ImageRNG, callback=None,
-               disable_progress: bool | None = None) -> torch.Tensor:
+    def sample(self, c, uc, seeds: list[int], subseeds: list[int], noise_rng: rng.ImageRNG, prompts=None,
+               negative_prompts=None, callback=None, disable_progress: bool | None = None) -> torch.Tensor:
         """Latents [B,4,h,w] for this iteration's images (spec 6.1-6.4)."""
         x = noise_rng.next().float()
         if self.initial_noise_multiplier != 1.0:
@@ -562,78 +650,143 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             samples = samples * self.nmask + self.init_latent * self.mask
         return samples
 
-    def run_kdiffusion_sampler(self, noise, steps, t_enc, cond_args, noise_rng, seeds, callback, disable):
-        """k-diffusion img2img (spec 6.3): slice the sigmas, noise the init latent to sigma_sched[0], sample."""
-        sigmas = self.get_sigmas(steps).to(self.sd_model.device)
-        sigma_sched = schedules.img2img_sigmas(sigmas, steps, t_enc)
-        xi = self.init_latent + noise * sigma_sched[0]
-        if self.opts.img2img_extra_noise > 0:
-            self.extra_generation_params["Extra noise"] = self.opts.img2img_extra_noise
-            xi = xi + noise * self.opts.img2img_extra_noise
-        return self.launch_sampling(xi, sigma_sched, sigmas, t_enc + 1, cond_args, noise_rng, seeds, callback,
-                                    disable)
 
-    def launch_sampling(self, x, sigma_sched, sigmas, n_steps, cond_args, noise_rng, seeds, callback, disable):
-        """Run the k-diffusion function over `sigma_sched` from `x` with CFG and the mask blend."""
-        info, sd = self.sampler, self.sd_model
-        self.record_schedule_type()
-        inner = CompVisDenoiser(sd.apply_model, sd.alphas_cumprod.to(sd.device), prediction=sd.family.prediction)
-        cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
-                          image_cfg_scale=getattr(self, "image_cfg_scale", None),
-                          is_edit_model=sd.family.conditioning == "edit")
-        model = with_call_index(cfg, info.total_steps(n_steps))
-        extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning,
-                      "s_min_uncond": self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond}
-        fn = info.function
-        params = inspect.signature(fn).parameters
-        kw = self.sampler_kwargs(fn)
-        if "sigma_min" in params:  # DPM fast / adaptive take a sigma range, not a schedule (spec 6.3 step 3)
-            kw.update(sigma_min=sigma_sched[-2], sigma_max=sigma_sched[0])
-            if "n" in params:
-                kw["n"] = len(sigma_sched) - 1
-            args = (model, x)
+@dataclass
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    """txt2img, optionally with the hires fix (A1111 `StableDiffusionProcessingTxt2Img`).
+
+    The first pass samples from pure noise at `width` x `height`. With `enable_hr`, the result is upscaled by
+    `hr_scale` (or to `hr_resize_x` x `hr_resize_y` pixels) in latent space (`hr_upscaler` "Latent",
+    "Latent (nearest)", "Latent (antialiased)", "Latent (bicubic)", ...) or in pixel space (any other name:
+    decode, PIL Lanczos/nearest resize, encode), then denoised again as img2img with `denoising_strength` and
+    `hr_second_pass_steps` (0 = `steps`) as an explicit step count (spec 6.2: the fix-steps rule).
+    """
+
+    enable_hr: bool = False
+    denoising_strength: float = 0.75
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    force_task_id: str | None = None
+
+    LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                        "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                        "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
+    PIXEL_UPSCALERS = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hr_checkpoint_name is not None:
+            raise NotImplementedError("hr_checkpoint_name is not implemented in sdcore (allowed: None)")
+        if self.firstphase_width or self.firstphase_height:
+            raise NotImplementedError("firstphase_width/height (legacy hires fields) are not implemented; "
+                                      "use hr_scale or hr_resize_x/y")
+        if self.enable_hr:
+            upscaler = self.hr_upscaler or "Latent"
+            if upscaler not in self.LATENT_UPSCALERS and upscaler not in self.PIXEL_UPSCALERS:
+                raise ValueError(f"hr_upscaler: {upscaler!r}; allowed: "
+                                 f"{sorted(self.LATENT_UPSCALERS) + sorted(self.PIXEL_UPSCALERS)}")
+            if not 0 <= self.denoising_strength <= 1:
+                raise ValueError(f"denoising_strength: {self.denoising_strength!r}; must be in [0, 1]")
+            w, h = self.hr_size()
+            if w % 8 or h % 8 or w < 8 or h < 8:
+                raise ValueError(f"hires size {w}x{h} (hr_scale {self.hr_scale}, hr_resize {self.hr_resize_x}x"
+                                 f"{self.hr_resize_y}) must be positive multiples of 8 pixels")
+
+    def hr_size(self) -> tuple[int, int]:
+        """Target (width, height) of the hires pass (A1111 `calculate_target_resolution`; resize wins over scale,
+        one resize side 0 keeps the aspect ratio)."""
+        if not self.hr_resize_x and not self.hr_resize_y:
+            return int(self.width * self.hr_scale), int(self.height * self.hr_scale)
+        if not self.hr_resize_y:
+            return self.hr_resize_x, self.hr_resize_x * self.height // self.width
+        if not self.hr_resize_x:
+            return self.hr_resize_y * self.width // self.height, self.hr_resize_y
+        return self.hr_resize_x, self.hr_resize_y
+
+    def init(self, all_prompts: list[str], all_seeds: list[int], all_subseeds: list[int]) -> None:
+        if self.enable_hr:
+            w, h = self.hr_size()
+            self.extra_generation_params["Denoising strength"] = self.denoising_strength
+            self.extra_generation_params["Hires upscale"] = self.hr_scale if not (self.hr_resize_x or
+                                                                                 self.hr_resize_y) else None
+            if self.hr_resize_x or self.hr_resize_y:
+                self.extra_generation_params["Hires resize"] = f"{w}x{h}"
+            if self.hr_second_pass_steps:
+                self.extra_generation_params["Hires steps"] = self.hr_second_pass_steps
+            self.extra_generation_params["Hires upscaler"] = self.hr_upscaler or "Latent"
+            self.extra_generation_params = {k: v for k, v in self.extra_generation_params.items() if v is not None}
+
+    def sample(self, c, uc, seeds: list[int], subseeds: list[int], noise_rng: rng.ImageRNG, prompts=None,
+               negative_prompts=None, callback=None, disable_progress: bool | None = None) -> torch.Tensor:
+        """Latents of the first pass (from noise), then of the hires pass when enabled."""
+        x = noise_rng.next().float()
+        self.image_conditioning = self.txt2img_image_conditioning(x, seeds)
+        cond_args = self.cond_extra_args(c, uc)
+        if self.sampler.kind == "timestep":
+            from .sampling.timesteps import get_timesteps
+
+            timesteps = get_timesteps(self.steps, self.sampler.discard_next_to_last_sigma, device=x.device)
+            samples = self.launch_timestep_sampling(x, timesteps, cond_args, noise_rng, callback, disable_progress,
+                                                    is_img2img=False)
         else:
-            args = (model, x, sigma_sched)
-        return fn(*args, extra_args=extra_args, callback=callback, disable=disable,
-                  noise_sampler=self.noise_sampler(x, sigmas, noise_rng, seeds), **kw)
+            sigmas = self.get_sigmas(self.steps).to(x.device)
+            samples = self.launch_sampling(x * sigmas[0], sigmas, sigmas, self.steps, cond_args, noise_rng, seeds,
+                                           callback, disable_progress)
+        if not self.enable_hr:
+            return samples
+        return self.sample_hr_pass(samples, seeds, subseeds, prompts, negative_prompts, callback, disable_progress)
 
-    def run_timestep_sampler(self, noise, steps, t_enc, cond_args, noise_rng, seeds, callback, disable):
-        """DDIM / PLMS / UniPC img2img (spec 6.4): noise to abar[timesteps[t_enc]], mask blended before each call."""
-        from .sampling.timesteps import get_timesteps, img2img_start
-
-        sd, info = self.sd_model, self.sampler
-        alphas = sd.alphas_cumprod.to(sd.device)
-        timesteps = get_timesteps(steps, info.discard_next_to_last_sigma, device=sd.device)
-        xi, ts = img2img_start(self.init_latent, noise, timesteps, t_enc, alphas, self.opts.img2img_extra_noise)
-        return self.launch_timestep_sampling(xi, ts, cond_args, noise_rng, callback, disable, is_img2img=True)
-
-    def launch_timestep_sampling(self, x, timesteps, cond_args, noise_rng, callback, disable, is_img2img):
-        from .sampling.timesteps import TIMESTEP_SAMPLERS, CompVisTimestepsDenoiser
-
-        sd, info = self.sd_model, self.sampler
-        alphas = sd.alphas_cumprod.to(sd.device)
-        inner = CompVisTimestepsDenoiser(sd.apply_model, alphas, prediction=sd.family.prediction)
-        cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
-                          image_cfg_scale=getattr(self, "image_cfg_scale", None),
-                          is_edit_model=sd.family.conditioning == "edit", mask_before_denoising=True)
-        model = with_call_index(cfg, len(timesteps))
-        extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning}
-        fn = TIMESTEP_SAMPLERS[info.name]
-        params = inspect.signature(fn).parameters
-        kw = {}
-        if "eta" in params:
-            kw["eta"] = self.eta if self.eta is not None else self.opts.eta_ddim
-            kw["noise_sampler"] = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)
-        if "is_img2img" in params:
-            kw["is_img2img"] = is_img2img
-        return fn(model, x, timesteps, alphas, extra_args=extra_args, callback=callback, disable=disable, **kw)
-
-    def record_schedule_type(self) -> None:
-        """Infotext "Schedule type": the resolved label unless Automatic resolves to nothing (spec 9.3)."""
-        automatic = self.scheduler in (None, "automatic", "Automatic")
-        if not automatic or self.sampler.scheduler:
-            name = self.sampler.scheduler if automatic else self.scheduler
-            self.extra_generation_params["Schedule type"] = schedules.find_scheduler(name).label
+    def sample_hr_pass(self, samples, seeds, subseeds, prompts, negative_prompts, callback, disable_progress):
+        """Upscale the first-pass latents and denoise them again as img2img (A1111 `sample_hr_pass`)."""
+        w, h = self.hr_size()
+        upscaler = self.hr_upscaler or "Latent"
+        if upscaler in self.LATENT_UPSCALERS:
+            mode, antialias = self.LATENT_UPSCALERS[upscaler]
+            samples = F.interpolate(samples, size=(h // 8, w // 8), mode=mode, antialias=antialias)
+            source = None
+        else:
+            decoded = [im.resize((w, h), self.PIXEL_UPSCALERS[upscaler]) for im in self.decode_first_stage(samples)]
+            px = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255.0 for im in decoded]))
+            source = (2.0 * px.permute(0, 3, 1, 2) - 1.0).to(samples.device)
+            samples = self.encode_first_stage(source, seeds)
+        if self.sd_model.family.conditioning == "hybrid":
+            if source is None:
+                px = [torch.from_numpy(np.asarray(im, np.float32) / 255.0) for im in self.decode_first_stage(samples)]
+                source = (2.0 * torch.stack(px).permute(0, 3, 1, 2) - 1.0).to(samples.device)
+            self.image_conditioning = self.img2img_image_conditioning(source, samples, None, seeds)
+        else:
+            self.image_conditioning = None
+        self.init_latent = samples
+        hr_rng = rng.ImageRNG(tuple(samples.shape[1:]), seeds, subseeds=subseeds,
+                              subseed_strength=self.subseed_strength, seed_resize_from_h=self.seed_resize_from_h,
+                              seed_resize_from_w=self.seed_resize_from_w, source=self.opts.randn_source,
+                              device=samples.device, eta_noise_seed_delta=self.opts.eta_noise_seed_delta)
+        noise = hr_rng.next().float()
+        hr_steps = self.hr_second_pass_steps or self.steps
+        base = (self.sampler, self.scheduler)
+        if self.hr_sampler_name or self.hr_scheduler:
+            self.sampler, scheduler = find_sampler(self.hr_sampler_name or self.sampler.name)
+            self.scheduler = self.hr_scheduler or scheduler or self.scheduler
+            self.extra_generation_params["Hires sampler"] = self.sampler.name
+        try:
+            hr_prompts = [self.hr_prompt or p for p in prompts]
+            hr_negative = [self.hr_negative_prompt or p for p in negative_prompts]
+            c, uc = self.setup_conds(hr_prompts, hr_negative, hires_steps=self.sampler.total_steps(hr_steps))
+            steps, t_enc = schedules.setup_img2img_steps(hr_steps, self.denoising_strength, fix_steps=True)
+            run = self.run_timestep_sampler if self.sampler.kind == "timestep" else self.run_kdiffusion_sampler
+            return run(noise, steps, t_enc, self.cond_extra_args(c, uc), hr_rng, seeds, callback, disable_progress)
+        finally:
+            self.sampler, self.scheduler = base
 
 
 @dataclass
@@ -709,7 +862,8 @@ def process_images(p: StableDiffusionProcessing, callback=None, disable_progress
             seeds, subseeds = p.all_seeds[sl], p.all_subseeds[sl]
             noise_rng = p.make_rng(seeds, subseeds)
             c, uc = p.setup_conds(p.all_prompts[sl], p.all_negative_prompts[sl])
-            samples = p.sample(c, uc, seeds, subseeds, noise_rng, callback=callback,
+            samples = p.sample(c, uc, seeds, subseeds, noise_rng, prompts=p.all_prompts[sl],
+                               negative_prompts=p.all_negative_prompts[sl], callback=callback,
                                disable_progress=disable_progress)
             decoded = p.decode_first_stage(samples.to(sd.device))
             for i, image in enumerate(decoded):

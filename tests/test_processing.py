@@ -170,3 +170,59 @@ def test_prompt_editing_switches_conditioning_at_the_scheduled_call(sd1_tiny, ph
     cat, dog = p.encode_texts(["cat", "dog"])
     assert len(seen) == 6
     assert all(torch.equal(s, cat) for s in seen[:4]) and all(torch.equal(s, dog) for s in seen[4:])
+
+
+def txt2img(sd, **kw):
+    from sdcore import StableDiffusionProcessingTxt2Img
+
+    args = dict(sd_model=sd, prompt="a red circle", sampler_name="Euler", steps=4, cfg_scale=7.0, seed=7,
+                width=SIZE, height=SIZE)
+    args.update(kw)
+    return StableDiffusionProcessingTxt2Img(**args)
+
+
+def test_txt2img_is_deterministic_and_sized(sd1_tiny):
+    a = process_images(txt2img(sd1_tiny, width=128))
+    b = process_images(txt2img(sd1_tiny, width=128))
+    assert a.images[0].size == (128, 64)
+    assert png_bytes(a.images[0]) == png_bytes(b.images[0])
+    assert a.init_latent is None and a.mask is None
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_second_pass(sd1_tiny, upscaler):
+    # spec 6.2: the hires pass passes explicit steps -> steps = int(4 / 0.5) = 8, t_enc = 3 -> 4 calls after the
+    # 4 first-pass calls; the output is hr_scale times larger.
+    seen = []
+    p = txt2img(sd1_tiny, enable_hr=True, hr_scale=2.0, hr_upscaler=upscaler, hr_second_pass_steps=4,
+                denoising_strength=0.5)
+    processed = process_images(p, callback=lambda d: seen.append(float(d["sigma"])))
+    assert processed.images[0].size == (128, 128)
+    assert len(seen) == 8
+    assert f"Hires upscaler: {upscaler}" in processed.info and "Denoising strength: 0.5" in processed.info
+
+
+def test_txt2img_with_inpainting_model_and_timestep_sampler(inpaint_tiny):
+    processed = process_images(txt2img(inpaint_tiny, sampler_name="DDIM"))
+    cond = processed.image_conditioning
+    assert cond.shape == (1, 5, 8, 8) and torch.all(cond[:, 0] == 1)  # spec 5.1: ones mask, grey image latent
+
+
+def test_outpainting_with_resize_mode_2_and_mask(sd1_tiny, astronaut):
+    # spec 3.1 mode 2: a 64x32 image into 64x64 -> 16-px bands top and bottom, filled by stretching the edge rows;
+    # a mask whose top and bottom rows are white becomes white bands, so exactly the bands are regenerated.
+    from sdcore import images
+
+    wide = astronaut.resize((64, 32), Image.LANCZOS)
+    mask = np.zeros((32, 64), np.uint8)
+    mask[0] = mask[-1] = 255
+    p = job(sd1_tiny, wide, resize_mode=2, mask=Image.fromarray(mask, "L"), mask_blur=0, inpaint_full_res=False,
+            inpainting_fill=0, denoising_strength=1.0)
+    processed = process_images(p)
+    out = np.asarray(processed.images[0])
+    assert out.shape == (64, 64, 3)
+    nmask = processed.nmask[0, 0]
+    assert nmask[:2].eq(1).all() and nmask[-2:].eq(1).all() and nmask[3:5].eq(0).all()
+    source = np.asarray(images.resize_image(2, wide, 64, 64))
+    assert np.array_equal(out[17:47], source[17:47])  # the photo itself is untouched
+    assert np.abs(out[:16].astype(int) - source[:16]).mean() > 1.0  # the bands were generated

@@ -82,12 +82,21 @@ class Family:
     native_size: int = 512  # pixels; the size the model was trained at
     unet_prefix: str = "model.diffusion_model."
     vae_prefix: str = "first_stage_model."
+    # SDXL "vector" conditioning y, in the order sgm's GeneralConditioner concatenates its vector outputs (the
+    # yaml's `emb_models` order): "pooled" (the bigG embedder's text_projection output), then scalar inputs
+    # embedded by `ConcatTimestepEmbedderND` (each number -> `size_embed_dim` sinusoidal features):
+    # "original_size_as_tuple" (h, w), "crop_coords_top_left" (top, left), "target_size_as_tuple" (h, w),
+    # "aesthetic_score" (one number). Empty: the UNet takes no y.
+    vector: tuple[str, ...] = ()
+    size_embed_dim: int = 256  # `ConcatTimestepEmbedderND` outdim in sd_xl_base.yaml / sd_xl_refiner.yaml
     notes: tuple[str, ...] = field(default=())
 
 
 CLIP_L = TextConfig()
+# SD2 checkpoints carry the whole open_clip text tower, text_projection [1024, 1024] included (unused by SD2's
+# conditioning, which is the penultimate layer; kept so `cond_stage_model.model.*` loads strictly).
 OPENCLIP_H = TextConfig(width=1024, layers=24, heads=16, act="gelu", layout="open_clip", layer="penultimate",
-                        pad_token="zero")
+                        projection_dim=1024, pad_token="zero")
 SDXL_CLIP_L = replace(CLIP_L, layer="penultimate", final_ln_on_penultimate=False)
 SDXL_CLIP_G = TextConfig(width=1280, layers=32, heads=20, act="gelu", layout="open_clip", layer="penultimate",
                          final_ln_on_penultimate=False, projection_dim=1280, pad_token="zero")
@@ -98,16 +107,46 @@ SDXL_UNET = UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_res
                        num_head_channels=64, transformer_depth=(0, 2, 10), transformer_depth_middle=10,
                        context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
                        num_classes="sequential")
+# sd_xl_refiner.yaml: 4 levels of 384, attention at ds 2 and 4 with 4 blocks each (levels 0 and 3 have none, their
+# depth entry is unused), context = bigG's 1280, y = pooled 1280 + 5 scalars x 256 = 2560.
+SDXL_REFINER_UNET = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2),
+                               num_heads=-1, num_head_channels=64, transformer_depth=(4, 4, 4, 4),
+                               transformer_depth_middle=4, context_dim=1280, use_linear_in_transformer=True,
+                               adm_in_channels=2560, num_classes="sequential")
+SDXL_VAE = VAEConfig(scale_factor=0.13025)  # sd_xl_base.yaml `scale_factor`; same autoencoder geometry as SD1
 
 SD1 = Family("sd1", SD1_UNET, VAEConfig(), (CLIP_L,), ("cond_stage_model.transformer.",))
 SD1_INPAINT = replace(SD1, name="sd1-inpaint", unet=replace(SD1_UNET, in_channels=9), conditioning="hybrid")
+# instruct-pix2pix (timothybrooks, configs/generate.yaml): SD1.5 with 8 input channels (x + image latent),
+# cond_stage_key "edit".
+INSTRUCT_PIX2PIX = replace(SD1, name="instruct-pix2pix", unet=replace(SD1_UNET, in_channels=8),
+                           conditioning="edit")
+# Stability-AI/stablediffusion configs/stable-diffusion: v2-inference.yaml (512 px, eps), v2-inference-v.yaml
+# (768 px, parameterization "v"), v2-inpainting-inference.yaml (9 channels, hybrid).
+SD2 = Family("sd2", SD2_UNET, VAEConfig(), (OPENCLIP_H,), ("cond_stage_model.model.",))
+SD2_V = replace(SD2, name="sd2-v", prediction="v", native_size=768)
+SD2_INPAINT = replace(SD2, name="sd2-inpaint", unet=replace(SD2_UNET, in_channels=9), conditioning="hybrid")
+SDXL_SIZE_INPUTS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+SDXL = Family("sdxl", SDXL_UNET, SDXL_VAE, (SDXL_CLIP_L, SDXL_CLIP_G),
+              ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."), native_size=1024,
+              vector=("pooled",) + SDXL_SIZE_INPUTS)
+SDXL_REFINER = Family("sdxl-refiner", SDXL_REFINER_UNET, SDXL_VAE, (SDXL_CLIP_G,), ("conditioner.embedders.0.model.",),
+                      native_size=1024,
+                      vector=("pooled", "original_size_as_tuple", "crop_coords_top_left", "aesthetic_score"))
+# diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (A1111 sd_xl_inpaint.yaml): SDXL base with 9 input channels.
+SDXL_INPAINT = replace(SDXL, name="sdxl-inpaint", unet=replace(SDXL_UNET, in_channels=9), conditioning="hybrid")
 
 # The bundled tiny model (issue 6): SD's architecture at 64 px. Numbers are chosen for a 2-core CPU; see
 # weights/README.md for the training recipe.
-TINY_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_heads=4,
-                       transformer_depth=(1, 1, 1), context_dim=256)
-TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1)
-TINY_TEXT = replace(CLIP_L, width=256, layers=4, heads=4)
+# Cross-attention at every level (8x8, 4x4, 2x2 latent cells): position words need it at 8x8. One ResBlock per
+# level: the 77-token cross-attention of every transformer dominates a CPU training step.
+TINY_UNET = UNetConfig(model_channels=64, num_res_blocks=1, channel_mult=(1, 2, 2), attention_resolutions=(1, 2, 4),
+                       num_heads=4, transformer_depth=(1, 1, 1), context_dim=128)
+# scale_factor = 1 / std of the trained VAE's latents of the training scenes (scripts/train_tiny.py "latents").
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, scale_factor=1.0)
+# Width 128 keeps the 49408-token embedding at 6.3 M parameters; heads = width / 64 as the loader reads it.
+TINY_TEXT = replace(CLIP_L, width=128, layers=2, heads=2)
 TINY = Family("tiny", TINY_UNET, TINY_VAE, (TINY_TEXT,), ("cond_stage_model.transformer.",), native_size=64)
 
-FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT, TINY)}
+FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT, INSTRUCT_PIX2PIX, SD2, SD2_V, SD2_INPAINT, SDXL, SDXL_REFINER,
+                                 SDXL_INPAINT, TINY)}

@@ -1,0 +1,345 @@
+"""Train the bundled tiny model (family "tiny", issue 6) from scratch on this machine's CPU.
+
+Phases (each resumable from its last saved state in --workdir; every random draw comes from the fixed --seed and the
+step number, so a rerun with the same arguments gives the same weights up to CPU kernel nondeterminism):
+
+  vae      AutoencoderKL on 64 px colour photo crops (tiny_data.photo_crop) and synthetic scenes, loss
+           L1 + MSE + 1e-6 * KL (LDM's weighting: KL summed over latent elements, reconstruction per pixel summed,
+           both per image), AdamW, warmup + cosine learning rate, EMA of the weights (the EMA is what is exported).
+  latents  encode a fixed set of synthetic scenes with the EMA VAE (posterior mean and std, so every UNet step
+           draws a fresh latent sample) and measure the latent std -> scale_factor (scaled latents have unit
+           variance); encode every caption (and "") once with the frozen text encoder, exactly as inference does
+           (BOS, tokens, EOS padding to 77, final layer after ln_final).
+  unet     eps-prediction DDPM on the scaled latents with SD's scaled-linear alphas_cumprod (so CompVisDenoiser and
+           every sampler apply unchanged), Min-SNR-5 loss weights (Hang et al. 2023, "Efficient Diffusion Training
+           via Min-SNR Weighting Strategy"), 10 % empty captions (classifier-free guidance), EMA.
+  export   weights/sdcore-tiny.safetensors in the LDM layout (model.diffusion_model.*, first_stage_model.*,
+           cond_stage_model.transformer.text_model.* via open_clip_to_hf, alphas_cumprod). Runs with whatever phases
+           have finished (an untrained UNet is exported as initialised).
+
+The text encoder is the real CLIP architecture and tokenizer at width 128, initialised with open_clip's scheme from
+the seed and frozen: its outputs are fixed random features of the token sequence, which the UNet's cross-attention
+learns to read. This keeps the UNet steps cheap (text features are computed once per caption).
+
+Usage: python scripts/train_tiny.py all --workdir /work/tiny_run  (or one phase name; see --help)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_data  # noqa: E402
+
+from sdcore import families  # noqa: E402
+from sdcore.models.text import TextEncoder, load_tokenizer, open_clip_to_hf  # noqa: E402
+from sdcore.models.unet import UNetModel  # noqa: E402
+from sdcore.models.vae import AutoencoderKL  # noqa: E402
+from sdcore.sampling.denoisers import sd_alphas_cumprod  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BOS, EOS = 49406, 49407  # CLIP tokenizer's <start_of_text>, <end_of_text> (also SD1's padding token)
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def step_rng(seed: int, phase: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, phase, step])
+
+
+def step_generator(seed: int, phase: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_000_019 + step)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    """Linear warmup to `peak`, then cosine decay to `floor * peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def save_state(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def tiny_family(scale_factor: float | None = None) -> families.Family:
+    fam = families.TINY
+    if scale_factor is not None:
+        from dataclasses import replace
+        fam = replace(fam, vae=replace(fam.vae, scale_factor=scale_factor))
+    return fam
+
+
+def make_text_encoder(seed: int) -> TextEncoder:
+    te = TextEncoder(tiny_family().text[0])
+    te.reset_parameters(torch.Generator().manual_seed(seed + 7))
+    return te.eval().requires_grad_(False)
+
+
+def caption_tokens(tokenizer, captions: list[str], length: int = 77) -> torch.Tensor:
+    """SD1 token layout: BOS, BPE tokens, then EOS repeated to `length` (A1111 pads SD1 prompts with EOS)."""
+    rows = []
+    for text in captions:
+        ids = tokenizer.encode(text)[: length - 2]
+        rows.append([BOS] + ids + [EOS] * (length - 1 - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# ---- phase: vae ---------------------------------------------------------------------------------------------------
+
+def vae_batch(seed: int, step: int, batch: int) -> torch.Tensor:
+    """Half photo crops, half scenes. Three steps in four use 32 px crops of them (4x cheaper; the VAE is
+    convolutional but for its 8x8 mid attention), every fourth step half as many full 64 px images."""
+    rng = step_rng(seed, 1, step)
+    size = tiny_data.SIZE if step % 4 == 3 else tiny_data.SIZE // 2
+    batch = batch // 2 if size == tiny_data.SIZE else batch
+    n_photo = batch // 2
+    images = [tiny_data.photo_crop(rng, "train") for _ in range(n_photo)]
+    images += [tiny_data.sample_scene(rng)[0] for _ in range(batch - n_photo)]
+    if size < tiny_data.SIZE:
+        y, x = rng.integers(0, tiny_data.SIZE - size + 1, (2, batch))
+        images = [im[a:a + size, b:b + size] for im, a, b in zip(images, y, x)]
+    return to_tensor(np.stack(images))
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl_weight: float):
+    posterior = vae.encode(x)
+    z = posterior.sample(generator)
+    rec = vae.decode(z).float()
+    l1 = (rec - x).abs().mean()
+    mse = (rec - x).pow(2).mean()
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+    pixels = x[0].numel()
+    return l1 + mse + kl_weight * kl / pixels, dict(l1=l1.item(), mse=mse.item(), kl=kl.item())
+
+
+def setup(make, seed: int, lr: float, weight_decay: float, state_path: Path):
+    """(model, ema, optimizer, first step): fresh from `seed`, or resumed from `state_path` when it exists."""
+    torch.manual_seed(seed)
+    model = make()
+    ema = make().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    if not state_path.exists():
+        return model, ema, opt, 0
+    state = torch.load(state_path, weights_only=True)
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    return model, ema, opt, state["step"]
+
+
+def train_loop(name: str, loss_fn, model, ema, opt, start: int, total: int, peak_lr: float, warmup: int,
+               args) -> None:
+    """AdamW steps `start`..`total`-1 on `loss_fn(step) -> (loss, {name: float})` with warmup + cosine LR,
+    gradient clipping at 1, EMA (warming up as (1+step)/(10+step)); a CSV log row every 10 steps and the full
+    state every `args.save_every` steps (the resume point)."""
+    work = Path(args.workdir)
+    t0 = time.time()
+    bar = tqdm(range(start, total), initial=start, total=total, desc=name, mininterval=10)
+    for step in bar:
+        lr = lr_at(step, total, peak_lr, warmup=warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, parts = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        if step % 10 == 0:
+            append_log(work / f"{name}_log.csv", dict(step=step, loss=loss.item(), **parts, lr=lr,
+                                                      seconds=round(time.time() - t0, 1)))
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == total:
+            save_state(work / f"{name}_state.pt", model=model.state_dict(), ema=ema.state_dict(),
+                       opt=opt.state_dict(), step=step + 1)
+
+
+def train_vae(args) -> None:
+    vae, ema, opt, start = setup(lambda: AutoencoderKL(tiny_family().vae), args.seed, args.vae_lr, 0.0,
+                                 Path(args.workdir) / "vae_state.pt")
+
+    def loss_fn(step):
+        x = vae_batch(args.seed, step, args.vae_batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            return vae_loss(vae, x, step_generator(args.seed, 1, step), kl_weight=1e-6)
+
+    train_loop("vae", loss_fn, vae, ema, opt, start, args.vae_steps, args.vae_lr, 200, args)
+
+
+def load_ema(path: Path, module: torch.nn.Module) -> torch.nn.Module:
+    state = torch.load(path, weights_only=True)
+    module.load_state_dict(state["ema"])
+    return module.eval().requires_grad_(False)
+
+
+# ---- phase: latents -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_dataset(args) -> None:
+    work = Path(args.workdir)
+    vae = load_ema(work / "vae_state.pt", AutoencoderKL(tiny_family().vae))
+    rng = np.random.default_rng([args.seed, 2])
+    captions = tiny_data.all_captions()
+    index = {c: i + 1 for i, c in enumerate(captions)}  # 0 = empty caption
+    means, stds, caption_ids = [], [], []
+    chunk = 256
+    for start in tqdm(range(0, args.num_scenes, chunk), desc="encode scenes", mininterval=10):
+        n = min(chunk, args.num_scenes - start)
+        scenes = [tiny_data.sample_scene(rng) for _ in range(n)]
+        x = to_tensor(np.stack([im for im, _ in scenes]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            posterior = vae.encode(x)
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+        caption_ids += [index[sc.caption()] for _, sc in scenes]
+    mean, std = torch.cat(means), torch.cat(stds)
+    sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(args.seed))
+    scale_factor = float(1.0 / sample.std())
+    torch.save(dict(mean=mean, std=std, caption_ids=torch.tensor(caption_ids), scale_factor=scale_factor),
+               work / "latents.pt")
+
+    te = make_text_encoder(args.seed)
+    tokenizer = load_tokenizer()
+    texts = [""] + captions
+    hidden = torch.cat([te(caption_tokens(tokenizer, texts[i:i + 128])).hidden for i in range(0, len(texts), 128)])
+    torch.save(dict(texts=texts, hidden=hidden), work / "text.pt")
+    (work / "scale_factor.json").write_text(json.dumps(dict(scale_factor=scale_factor,
+                                                            latent_std=float(sample.std()),
+                                                            latent_mean=float(sample.mean()))))
+    print(f"latents: {tuple(mean.shape)}, latent std {float(sample.std()):.4f} -> scale_factor {scale_factor:.5f}")
+
+
+# ---- phase: unet --------------------------------------------------------------------------------------------------
+
+def train_unet(args) -> None:
+    work = Path(args.workdir)
+    data = torch.load(work / "latents.pt", weights_only=True)
+    text = torch.load(work / "text.pt", weights_only=True)
+    hidden = text["hidden"]
+    mean, std, caption_ids = data["mean"], data["std"], data["caption_ids"]
+    scale = data["scale_factor"]
+    alphas = sd_alphas_cumprod().double()
+    snr = alphas / (1 - alphas)
+    weights = (torch.clamp(snr, max=args.min_snr_gamma) / snr).float()
+    sqrt_a, sqrt_1ma = alphas.sqrt().float(), (1 - alphas).sqrt().float()
+
+    unet, ema, opt, start = setup(lambda: UNetModel(tiny_family().unet), args.seed + 3, args.unet_lr, 0.01,
+                                  work / "unet_state.pt")
+    n = mean.shape[0]
+
+    def loss_fn(step):
+        gen = step_generator(args.seed, 3, step)
+        idx = torch.randint(0, n, (args.unet_batch,), generator=gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        ids = caption_ids[idx].clone()
+        ids[torch.rand(args.unet_batch, generator=gen) < args.uncond_p] = 0
+        t = torch.randint(0, 1000, (args.unet_batch,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        xt = sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * eps
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.unet_bf16):
+            pred = unet(xt, t.float(), hidden[ids])
+        per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
+        return (per_sample * weights[t]).mean(), dict(mse=per_sample.mean().item())
+
+    train_loop("unet", loss_fn, unet, ema, opt, start, args.unet_steps, args.unet_lr, 300, args)
+
+
+# ---- phase: export ------------------------------------------------------------------------------------------------
+
+def export(args) -> None:
+    from safetensors.torch import save_file
+
+    work = Path(args.workdir)
+    fam = tiny_family()
+    sd: dict[str, torch.Tensor] = {}
+    vae = AutoencoderKL(fam.vae)
+    if (work / "vae_state.pt").exists():
+        load_ema(work / "vae_state.pt", vae)
+    torch.manual_seed(args.seed + 3)
+    unet = UNetModel(fam.unet)
+    if (work / "unet_state.pt").exists():
+        load_ema(work / "unet_state.pt", unet)
+    te = make_text_encoder(args.seed)
+    for k, v in unet.state_dict().items():
+        sd["model.diffusion_model." + k] = v.half()
+    for k, v in vae.state_dict().items():
+        sd["first_stage_model." + k] = v.float()
+    for k, v in open_clip_to_hf(te.state_dict()).items():
+        sd["cond_stage_model.transformer." + k] = v.half()
+    sd["alphas_cumprod"] = sd_alphas_cumprod().float()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out),
+              metadata={"family": "tiny", "note": "sdcore tiny model, trained by scripts/train_tiny.py"})
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(sd)} tensors)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["vae", "latents", "unet", "export", "all"])
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
+    ap.add_argument("--out", default=str(ROOT / "weights" / "sdcore-tiny.safetensors"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1 is fastest on a shared, oversubscribed CPU (2 threads spin-wait on each other)")
+    ap.add_argument("--vae-steps", type=int, default=3000)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="bf16 autocast for the VAE (about 2x faster on CPUs with AMX)")
+    ap.add_argument("--num-scenes", type=int, default=16000)
+    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-batch", type=int, default=48)
+    ap.add_argument("--unet-lr", type=float, default=8e-4)
+    ap.add_argument("--unet-bf16", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--uncond-p", type=float, default=0.1)
+    ap.add_argument("--min-snr-gamma", type=float, default=5.0)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--save-every", type=int, default=250)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    phases = ["vae", "latents", "unet", "export"] if args.phase == "all" else [args.phase]
+    for phase in phases:
+        {"vae": train_vae, "latents": encode_dataset, "unet": train_unet, "export": export}[phase](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,6 +42,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
 
+    if not args.ckpt.is_file():
+        ap.error(f"--ckpt: {args.ckpt} does not exist (the bundled model is weights/sdcore-tiny.safetensors)")
     sd = sdcore.load_checkpoint(args.ckpt)
     size = sd.family.native_size
     photo = Image.fromarray(data.astronaut()).resize((size, size), Image.LANCZOS)
@@ -63,7 +66,8 @@ def main() -> int:
                                                     height=size, **kw)
         processed = sdcore.process_images(p, disable_progress=True)
         path = out / f"{name}.png"
-        info = sdcore.infotext.pnginfo(processed.info) if hasattr(sdcore, "infotext") else None
+        info = PngInfo()
+        info.add_text("parameters", processed.info)
         processed.images[0].save(path, pnginfo=info)
         print(f"{name}: {path}")
         print(f"  {processed.info}")

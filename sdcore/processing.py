@@ -250,11 +250,13 @@ class StableDiffusionProcessing:
 
     # -- text -----------------------------------------------------------------------------------------------------
 
-    def encode_texts(self, texts: list[str]):
+    def encode_texts(self, texts: list[str], is_negative_prompt: bool = False):
         """Plain texts -> conditioning: [N, 77*k, C], or a dict {"c_crossattn": ..., "y": [N, adm]} for models
-        with vector conditioning (spec 11.4: chunks, emphasis, clip skip). Delegates to the model."""
+        with vector conditioning (spec 11.4: chunks, emphasis, clip skip). Delegates to the model;
+        `is_negative_prompt` is A1111's SdConditioning flag (SDXL: zeroed empty negative, refiner aesthetic score)."""
         return self.sd_model.encode_texts(texts, clip_skip=self.opts.CLIP_stop_at_last_layers,
-                                          emphasis=self.opts.emphasis, width=self.width, height=self.height)
+                                          emphasis=self.opts.emphasis, width=self.width, height=self.height,
+                                          is_negative_prompt=is_negative_prompt)
 
     def setup_conds(self, prompts: list[str], negative_prompts: list[str], hires_steps: int | None = None):
         """(c, uc): prompt-edited, AND-composed conditioning for this batch (spec 11.1, 11.3; A1111 `setup_conds`).
@@ -266,7 +268,8 @@ class StableDiffusionProcessing:
 
         total = self.sampler.total_steps(self.steps)
         kw = dict(hires_steps=hires_steps, use_old_scheduling=self.opts.use_old_scheduling)
-        uc = get_learned_conditioning(self.encode_texts, negative_prompts, total, **kw)
+        uc = get_learned_conditioning(lambda texts: self.encode_texts(texts, is_negative_prompt=True),
+                                      negative_prompts, total, **kw)
         c = get_multicond_learned_conditioning(self.encode_texts, prompts, total, **kw)
         return c, uc
 
@@ -383,7 +386,7 @@ class StableDiffusionProcessing:
         cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
                           image_cfg_scale=getattr(self, "image_cfg_scale", None),
                           is_edit_model=sd.family.conditioning == "edit")
-        model = with_call_index(cfg, info.total_steps(n_steps))
+        model = self.traced(with_call_index(cfg, info.total_steps(n_steps)))
         extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning,
                       "s_min_uncond": self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond}
         fn = info.function
@@ -418,7 +421,7 @@ class StableDiffusionProcessing:
         cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
                           image_cfg_scale=getattr(self, "image_cfg_scale", None),
                           is_edit_model=sd.family.conditioning == "edit", mask_before_denoising=True)
-        model = with_call_index(cfg, len(timesteps))
+        model = self.traced(with_call_index(cfg, len(timesteps)))
         extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning}
         fn = TIMESTEP_SAMPLERS[info.name]
         params = inspect.signature(fn).parameters
@@ -429,6 +432,23 @@ class StableDiffusionProcessing:
         if "is_img2img" in params:
             kw["is_img2img"] = is_img2img
         return fn(model, x, timesteps, alphas, extra_args=extra_args, callback=callback, disable=disable, **kw)
+
+    def traced(self, model):
+        """`model`, reporting every call to `self.model_callback` (if set) as a k-diffusion-style dict:
+        {"i": call index, "x": input [B,C,h,w], "sigma"/"sigma_hat": sigma (or timestep) of image 0,
+        "denoised": output}. Unlike the sampler callback (once per step) this sees second-order sub-steps too."""
+        report = getattr(self, "model_callback", None)
+        if report is None:
+            return model
+        calls = iter(range(1 << 62))
+
+        def call(x, sigma, **kwargs):
+            out = model(x, sigma, **kwargs)
+            denoised = out[0] if isinstance(out, tuple) else out
+            report({"i": next(calls), "x": x, "sigma": sigma[0], "sigma_hat": sigma[0], "denoised": denoised})
+            return out
+
+        return call
 
     def record_schedule_type(self) -> None:
         """Infotext "Schedule type": the resolved label unless Automatic resolves to nothing (spec 9.3)."""
@@ -831,6 +851,7 @@ def create_infotext(p: StableDiffusionProcessing, index: int) -> str:
         p.all_prompts[index], p.all_negative_prompts[index], steps=p.steps, sampler=p.sampler.name,
         scheduler=p.scheduler or "Automatic", cfg_scale=p.cfg_scale, image_cfg_scale=getattr(p, "image_cfg_scale", None),
         seed=p.all_seeds[index], width=p.width, height=p.height, model_hash=sd.shorthash(), model=sd.name,
+        vae_hash=sd.vae_shorthash(), vae=sd.vae_name,
         subseed=p.all_subseeds[index] if p.subseed_strength else None,
         subseed_strength=p.subseed_strength or None,
         seed_resize_from=resize if min(resize) > 0 else None,
@@ -841,12 +862,15 @@ def create_infotext(p: StableDiffusionProcessing, index: int) -> str:
         extra=p.extra_generation_params, version=VERSION)
 
 
-def process_images(p: StableDiffusionProcessing, callback=None, disable_progress: bool | None = None) -> Processed:
+def process_images(p: StableDiffusionProcessing, callback=None, disable_progress: bool | None = None,
+                   model_callback=None) -> Processed:
     """Run a whole job: validate, init once, then n_iter iterations of sample -> decode -> overlay -> save.
 
     Follows `process_images_inner` (spec 9). Images are saved (never overwriting) when `p.outpath_samples` is
-    set and `do_not_save_samples` is False. `callback` receives k-diffusion's per-step dict.
+    set and `do_not_save_samples` is False. `callback` receives k-diffusion's per-step dict; `model_callback`
+    receives one dict per model (CFG denoiser) call, e.g. a `sdcore.sampling.samplers.TraceRecorder`.
     """
+    p.model_callback = model_callback
     p.validate()
     p.sampler, scheduler = find_sampler(p.sampler_name or "DPM++ 2M")
     if scheduler is not None and p.scheduler in (None, "automatic", "Automatic"):

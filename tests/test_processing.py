@@ -226,3 +226,15 @@ def test_outpainting_with_resize_mode_2_and_mask(sd1_tiny, astronaut):
     source = np.asarray(images.resize_image(2, wide, 64, 64))
     assert np.array_equal(out[17:47], source[17:47])  # the photo itself is untouched
     assert np.abs(out[:16].astype(int) - source[:16]).mean() > 1.0  # the bands were generated
+
+
+def test_model_callback_sees_every_model_call(sd1_tiny, photo):
+    # Heun is second order: 2 calls per step except the last (sigma_next = 0); img2img 6 steps at 1.0 -> 6 steps
+    # -> 11 model calls, while the per-step callback fires 6 times (issue 4: trace every model call).
+    from sdcore.sampling.samplers import TraceRecorder
+
+    steps, calls = [], TraceRecorder()
+    process_images(job(sd1_tiny, photo, sampler_name="Heun", steps=6, denoising_strength=1.0),
+                   callback=lambda d: steps.append(d["i"]), model_callback=calls)
+    assert len(steps) == 6 and len(calls.records) == 11
+    assert [int(r["i"]) for r in calls.records] == list(range(11))

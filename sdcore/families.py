@@ -130,8 +130,8 @@ SDXL_SIZE_INPUTS = ("original_size_as_tuple", "crop_coords_top_left", "target_si
 SDXL = Family("sdxl", SDXL_UNET, SDXL_VAE, (SDXL_CLIP_L, SDXL_CLIP_G),
               ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."), native_size=1024,
               vector=("pooled",) + SDXL_SIZE_INPUTS)
-SDXL_REFINER = Family("sdxl-refiner", SDXL_REFINER_UNET, SDXL_VAE, (SDXL_CLIP_G,), ("conditioner.embedders.0.model.",),
-                      native_size=1024,
+SDXL_REFINER = Family("sdxl-refiner", SDXL_REFINER_UNET, SDXL_VAE, (SDXL_CLIP_G,),
+                      ("conditioner.embedders.0.model.",), native_size=1024,
                       vector=("pooled", "original_size_as_tuple", "crop_coords_top_left", "aesthetic_score"))
 # diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (A1111 sd_xl_inpaint.yaml): SDXL base with 9 input channels.
 SDXL_INPAINT = replace(SDXL, name="sdxl-inpaint", unet=replace(SDXL_UNET, in_channels=9), conditioning="hybrid")

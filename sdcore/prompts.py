@@ -13,6 +13,8 @@ Syntax, in the order it is applied:
    breaks (`parse_prompt_attention`).
 4. CLIP (11.4): 75-token chunks (BOS + 75 + EOS = 77 ids) with comma backtracking, each encoded separately and
    concatenated -> [B, 77*k, C] (`encode_prompts`).
+5. Per family (`encode_family_conditioning`): SD1/SD2 -> that tensor; SDXL -> {"c_crossattn": both encoders'
+   outputs side by side, "y": pooled text + size/crop/aesthetic embeddings} (A1111 `sd_models_xl.py`).
 
 Glossary: B = number of prompts, k = chunks per prompt, C = text-encoder width (768 for SD1), T = 77*k tokens.
 "step" in schedules counts sampler model calls from 1 (`end_at_step`); `reconstruct_*` take the 0-based call index.
@@ -26,7 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdcore.families import Family
 from sdcore.models.text import TextEncoder
+from sdcore.models.unet import timestep_embedding
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; + BOS + EOS = 77 = CLIP's context length (spec 11.4)
 COMMA_PADDING_BACKTRACK = 20  # A1111 option `comma_padding_backtrack` default (spec 11.4)
@@ -552,15 +556,93 @@ def encode_prompts(text_encoder: TextEncoder, tokenizer, prompts: Sequence[str],
                                       comma_padding_backtrack)[0]
 
 
+# ------------------------------------------------------------------------------- conditioning of a model family
+
+# A1111 options `sdxl_refiner_high_aesthetic_score` / `sdxl_refiner_low_aesthetic_score` (prompt / negative prompt)
+# and `sdxl_crop_top` / `sdxl_crop_left`.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+CROP_TOP_LEFT = (0, 0)
+
+
+def vector_scalars(name: str, width: int, height: int, is_negative_prompt: bool = False) -> tuple[float, ...]:
+    """The numbers one sgm vector embedder sees (A1111 `sd_models_xl.get_learned_conditioning`):
+    "original_size_as_tuple" and "target_size_as_tuple" -> (height, width) in pixels, "crop_coords_top_left" ->
+    (0, 0), "aesthetic_score" -> 6.0 (2.5 for the negative prompt). Raises ValueError for another name."""
+    table = {"original_size_as_tuple": (height, width), "crop_coords_top_left": CROP_TOP_LEFT,
+             "target_size_as_tuple": (height, width),
+             "aesthetic_score": (NEGATIVE_AESTHETIC_SCORE if is_negative_prompt else AESTHETIC_SCORE,)}
+    if name not in table:
+        raise ValueError(f"vector input {name!r}; allowed: 'pooled', {sorted(table)}")
+    return tuple(float(v) for v in table[name])
+
+
+def vector_conditioning(family: Family, pooled: torch.Tensor, width: int, height: int,
+                        is_negative_prompt: bool = False) -> torch.Tensor:
+    """SDXL's "vector" conditioning y [N, adm_in_channels] (float32, on pooled's device).
+
+    Concatenates, in `family.vector` order (sgm `GeneralConditioner`, embedders with a 2-D output): "pooled" = the
+    bigG pooled text [N, P], then for each scalar input `vector_scalars(...)` embedded by sgm's
+    `ConcatTimestepEmbedderND`: every number v -> `timestep_embedding(v, size_embed_dim)` = [cos(v f), sin(v f)],
+    f_i = 10000^(-i/128), concatenated (a (h, w) pair -> 512 values). SDXL base: 1280 + 3 x 512 = 2816; refiner:
+    1280 + 2 x 512 + 256 = 2560. The same for every row.
+    """
+    parts = []
+    for name in family.vector:
+        if name == "pooled":
+            parts.append(pooled.float())
+            continue
+        values = torch.tensor(vector_scalars(name, width, height, is_negative_prompt), device=pooled.device)
+        emb = timestep_embedding(values, family.size_embed_dim).reshape(1, -1)  # (1, n * size_embed_dim)
+        parts.append(emb.expand(pooled.shape[0], -1))
+    return torch.cat(parts, dim=1)
+
+
+def encode_family_conditioning(family: Family, text_encoders: Sequence[TextEncoder], tokenizer, texts: Sequence[str],
+                               clip_skip: int = 1, emphasis: str = "Original", width: int | None = None,
+                               height: int | None = None, is_negative_prompt: bool = False):
+    """Plain texts -> the conditioning `family`'s UNet takes (A1111 `get_learned_conditioning` per model type).
+
+    - No vector conditioning (SD1, SD2, inpainting, instruct-pix2pix): `encode_prompts` with the one encoder,
+      [N, 77*k, C]. `clip_skip` applies to encoders whose conditioning is the last layer (SD1); A1111 ignores
+      its "Clip skip" setting for SD2's penultimate-layer OpenCLIP (and so does this function).
+    - SDXL: each encoder runs `encode_prompts_with_pooled` (its own chunks and emphasis; clip skip ignored, as
+      A1111 does without `sdxl_clip_l_skip`); c_crossattn = their outputs concatenated along channels
+      ([N, 77*k, 768 + 1280] for the base, [N, 77*k, 1280] for the refiner); y = `vector_conditioning` of the last
+      encoder's pooled output at `width` x `height` (pixels; default the family's native size). If
+      `is_negative_prompt` and every text is empty, the text parts (c_crossattn and pooled) are zeros, as sgm's
+      `force_zero_embeddings=['txt']` in A1111. Returns {"c_crossattn": ..., "y": ...} in the encoders' dtype.
+    Raises ValueError/TypeError as `encode_prompts` does.
+    """
+    if not family.vector:
+        encoder = text_encoders[0]
+        skip = clip_skip if encoder.config.layer == "last" else 1
+        return encode_prompts(encoder, tokenizer, texts, clip_skip=skip, emphasis=emphasis)
+    zs, pooled = [], None
+    for encoder in text_encoders:
+        z, p = encode_prompts_with_pooled(encoder, tokenizer, texts, clip_skip=1, emphasis=emphasis)
+        zs.append(z)
+        pooled = p if p is not None else pooled
+    if pooled is None:
+        raise ValueError(f"family {family.name}: vector conditioning needs a text encoder with a projection")
+    crossattn = torch.cat(zs, dim=-1)  # (N, 77k, sum of widths)
+    if is_negative_prompt and all(text == "" for text in texts):
+        crossattn, pooled = torch.zeros_like(crossattn), torch.zeros_like(pooled)
+    size = family.native_size
+    y = vector_conditioning(family, pooled, width or size, height or size, is_negative_prompt)
+    return {"c_crossattn": crossattn, "y": y.to(crossattn.dtype)}
+
+
 # -------------------------------------------------------------------------- conditioning for the sampler loop
 
 
 @dataclass(frozen=True)
 class ScheduledPromptConditioning:
-    """The conditioning [T, C] of one text, used for model calls up to `end_at_step` (1-based, inclusive)."""
+    """The conditioning [T, C] of one text (or a dict of rows, see `_row`), used for model calls up to `end_at_step`
+    (1-based, inclusive)."""
 
     end_at_step: int
-    cond: torch.Tensor
+    cond: Cond
 
 
 @dataclass(frozen=True)
@@ -578,8 +660,15 @@ class MulticondLearnedConditioning:
     batch: list[list[ComposableScheduledPromptConditioning]]
 
 
-Encode = Callable[[list[str]], torch.Tensor]
-"""texts -> [N, T, C], e.g. `lambda texts: encode_prompts(text_encoder, tokenizer, texts, clip_skip, emphasis)`."""
+Cond = torch.Tensor | dict[str, torch.Tensor]
+Encode = Callable[[list[str]], Cond]
+"""texts -> [N, T, C] or {"c_crossattn": [N, T, C], "y": [N, adm]}, e.g.
+`lambda texts: encode_prompts(text_encoder, tokenizer, texts, clip_skip, emphasis)`."""
+
+
+def _row(conds: Cond, i: int) -> Cond:
+    """Row i of a conditioning batch: [T, C], or a dict of each entry's row i ({"c_crossattn": [T, C], "y": [adm]})."""
+    return {k: v[i] for k, v in conds.items()} if isinstance(conds, dict) else conds[i]
 
 
 def get_learned_conditioning(encode: Encode, prompts: Sequence[str], steps: int, hires_steps: int | None = None,
@@ -592,7 +681,7 @@ def get_learned_conditioning(encode: Encode, prompts: Sequence[str], steps: int,
     for prompt, schedule in zip(prompts, schedules):
         if prompt not in cache:
             conds = encode([text for _, text in schedule])
-            cache[prompt] = [ScheduledPromptConditioning(end, conds[i]) for i, (end, _) in enumerate(schedule)]
+            cache[prompt] = [ScheduledPromptConditioning(end, _row(conds, i)) for i, (end, _) in enumerate(schedule)]
         result.append(cache[prompt])
     return result
 
@@ -608,7 +697,7 @@ def get_multicond_learned_conditioning(encode: Encode, prompts: Sequence[str], s
         [[ComposableScheduledPromptConditioning(learned[i], weight) for i, weight in parts] for parts in indexes])
 
 
-def _entry_at(schedules: Sequence[ScheduledPromptConditioning], step: int) -> torch.Tensor:
+def _entry_at(schedules: Sequence[ScheduledPromptConditioning], step: int) -> Cond:
     """The first entry with step <= end_at_step; the first entry if there is none (as A1111 does)."""
     for entry in schedules:
         if step <= entry.end_at_step:
@@ -616,27 +705,31 @@ def _entry_at(schedules: Sequence[ScheduledPromptConditioning], step: int) -> to
     return schedules[0].cond
 
 
-def _stack_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack [T_i, C] tensors, repeating each one's last vector up to the longest T (A1111 `stack_conds`)."""
+def _stack_padded(tensors: Sequence[Cond]) -> Cond:
+    """Stack [T_i, C] tensors, repeating each one's last vector up to the longest T (A1111 `stack_conds`).
+    Dict rows are stacked per key: [T_i, C] entries padded so, vectors ([adm], SDXL's "y") stacked as they are."""
+    if isinstance(tensors[0], dict):
+        return {k: _stack_padded([t[k] for t in tensors]) if tensors[0][k].ndim == 2
+                else torch.stack([t[k] for t in tensors]) for k in tensors[0]}
     length = max(t.shape[0] for t in tensors)
     return torch.stack([torch.cat([t, t[-1:].expand(length - t.shape[0], -1)]) for t in tensors])
 
 
-def reconstruct_cond_batch(c: Sequence[Sequence[ScheduledPromptConditioning]], step: int) -> torch.Tensor:
-    """Conditioning [B, T, C] for 0-based model call `step`: per prompt the first schedule entry with
+def reconstruct_cond_batch(c: Sequence[Sequence[ScheduledPromptConditioning]], step: int) -> Cond:
+    """Conditioning [B, T, C] (dict conds: {"c_crossattn": [B, T, C], "y": [B, adm]}) for 0-based model call `step`: per prompt the first schedule entry with
     step <= end_at_step (spec 11.3; so with [a|b] calls 0 and 1 both use a). For the uncond (no AND)."""
     return _stack_padded([_entry_at(schedules, step) for schedules in c])
 
 
 def reconstruct_multicond_batch(c: MulticondLearnedConditioning, step: int
-                                ) -> tuple[list[list[tuple[int, float]]], torch.Tensor]:
+                                ) -> tuple[list[list[tuple[int, float]]], Cond]:
     """(conds_list, tensor) for 0-based model call `step` (spec 7 step 2, A1111 `reconstruct_multicond_batch`).
 
     tensor: [N, T, C], one row per AND part of every image, in order; parts with fewer tokens are padded by
-    repeating their last vector. conds_list[i] = [(row in tensor, weight), ...] for image i, as used by the CFG
-    sum `out_i = uncond_i + sum_k (x_out[row_k] - uncond_i) * weight_k * cond_scale` (spec 7 step 8).
+    repeating their last vector (dict conds: a dict with "c_crossattn" so and "y" [N, adm]).
+    conds_list[i] = [(row in tensor, weight), ...] for image i, as used by the CFG sum `out_i = uncond_i + sum_k (x_out[row_k] - uncond_i) * weight_k * cond_scale` (spec 7 step 8).
     """
-    tensors: list[torch.Tensor] = []
+    tensors: list[Cond] = []
     conds_list = []
     for parts in c.batch:
         rows = []

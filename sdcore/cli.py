@@ -1,7 +1,7 @@
-"""`sdcore img2img | inpaint | info | samplers`: a thin command line over the Python API.
+"""`sdcore img2img | inpaint | txt2img | info | samplers`: a thin command line over the Python API.
 
-Every processing flag sets one field of `StableDiffusionProcessingImg2Img` or of its `opts: Options`, under the
-A1111 name with dashes (`--denoising-strength` -> `denoising_strength`, `--clip-skip` -> `CLIP_stop_at_last_layers`);
+Every processing flag sets one field of `StableDiffusionProcessingImg2Img` (`...Txt2Img` for txt2img) or of its
+`opts: Options`, under the A1111 name with dashes (`--denoising-strength` -> `denoising_strength`, `--clip-skip` -> `CLIP_stop_at_last_layers`);
 `FLAGS` is the table. A value comes from, in increasing priority: the field's default (the A1111 UI default where
 spec 1 gives one), `--from-infotext FILE`, the command line.
 
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "weights" / "sdcore-tiny.safetensors"
-DEFAULT_OUTDIR = Path("outputs/img2img-images")
+DEFAULT_OUTDIRS = {"img2img": Path("outputs/img2img-images"), "inpaint": Path("outputs/img2img-images"),
+                   "txt2img": Path("outputs/txt2img-images")}
 MAX_INFOTEXT_BYTES = 1 << 20  # PIL's own cap on a PNG text chunk (PngImagePlugin.MAX_TEXT_CHUNK)
 
 IMG2IMG_HELP = """\
@@ -49,6 +50,17 @@ inpainting (--mask, white = regenerate, black = keep): --inpainting-fill sets wh
 batch: --input-dir DIR --output-dir OUT [--mask-dir MASKS] writes OUT/<stem>.png per input (<stem>-<k>.png for
   several images per input), skips inputs whose outputs exist, never overwrites, and can be re-run after an
   interruption (outputs are written to a temporary name, then linked into place).
+"""
+
+TXT2IMG_HELP = """\
+txt2img: sample --width x --height from pure noise with the prompt (--steps model steps, two per step for
+  second-order samplers, each on 2 x batch-size UNet rows for CFG).
+
+hires fix (--enable-hr): upscale the first pass by --hr-scale (or to --hr-resize-x x --hr-resize-y) with
+  --hr-upscaler (Latent* = in latent space; Lanczos, Nearest, None = decode, resize the pixels, encode), then run
+  img2img on it at --denoising-strength for --hr-second-pass-steps (0 = --steps) steps: the schedule is stretched
+  to int(steps / d) steps and its last `steps` run (A1111's explicit-steps rule, spec 6.2).
+  --explain prints both passes' sigmas, the model calls and the seeds without running the UNet.
 """
 
 
@@ -180,6 +192,13 @@ def _emphasis(v: str) -> str | None:
     return None if v in EMPHASIS_MODES else f"allowed: {', '.join(map(repr, EMPHASIS_MODES))}"
 
 
+def _hr_upscaler(v: str) -> str | None:
+    from .processing import StableDiffusionProcessingTxt2Img as P
+
+    allowed = [*P.LATENT_UPSCALERS, *P.PIXEL_UPSCALERS]
+    return None if v in allowed else f"allowed: {', '.join(map(repr, allowed))}"
+
+
 def _randn_source(v: str) -> str | None:
     from .rng import SOURCES
 
@@ -255,6 +274,25 @@ FLAGS: tuple[Flag, ...] = (
     Flag("image_cfg_scale", float, "image guidance scale, instruct-pix2pix models only (ignored otherwise)",
          default=1.5, check=NON_NEGATIVE, infotext="Image CFG scale"),
     Flag("force_task_id", str, "a task id recorded in the infotext"),
+    # txt2img hires fix (StableDiffusionProcessingTxt2Img)
+    Flag("enable_hr", bool, "hires fix: upscale the first pass and denoise it again (see above)"),
+    Flag("hr_scale", float, "hires upscale factor (used when --hr-resize-x/y are 0)", check=_between(1, 16),
+         infotext="Hires upscale"),
+    Flag("hr_upscaler", str, "Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+         "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest, None", check=_hr_upscaler,
+         infotext="Hires upscaler"),
+    Flag("hr_second_pass_steps", int, "hires steps; 0 = --steps", check=_between(0, 10000), infotext="Hires steps"),
+    Flag("hr_resize_x", int, "hires width in pixels (0 = from --hr-scale, or from the height keeping the aspect)",
+         check=_between(0, 16384), infotext="Hires resize-1"),
+    Flag("hr_resize_y", int, "hires height in pixels (0 = from --hr-scale, or from the width)",
+         check=_between(0, 16384), infotext="Hires resize-2"),
+    Flag("hr_sampler_name", str, "sampler of the hires pass (default: the same)", check=_sampler,
+         infotext="Hires sampler"),
+    Flag("hr_scheduler", str, "schedule type of the hires pass (default: the same)", check=_scheduler,
+         infotext="Hires schedule type"),
+    Flag("hr_prompt", str, "prompt of the hires pass (empty: the same)", infotext="Hires prompt"),
+    Flag("hr_negative_prompt", str, "negative prompt of the hires pass (empty: the same)",
+         infotext="Hires negative prompt"),
     # A1111 settings (Options, spec 1 'Relevant global options')
     Flag("opts.img2img_fix_steps", bool, "run exactly --steps steps of a longer schedule"),
     Flag("opts.img2img_color_correction", bool, "match the output's colours to the init image (LAB histograms)"),
@@ -301,6 +339,8 @@ FIELDS_WITHOUT_FLAG = {
     "sampler_index": "--sampler-name", "refiner_checkpoint": "not implemented", "refiner_switch_at": "not implemented",
     "token_merging_ratio": "not implemented", "token_merging_ratio_hr": "not implemented",
     "disable_extra_networks": "no extra networks", "firstpass_image": "not implemented", "comments": "internal",
+    "firstphase_width": "legacy hires field, not implemented", "firstphase_height": "legacy hires field, not "
+    "implemented", "hr_checkpoint_name": "not implemented",
     "opts": "the opts flags",
     # Options that A1111 also has on p: the p field's flag sets them (p's value wins when given).
     "opts.initial_noise_multiplier": "--initial-noise-multiplier", "opts.s_churn": "--s-churn",
@@ -308,10 +348,16 @@ FIELDS_WITHOUT_FLAG = {
     "opts.s_min_uncond": "--s-min-uncond",
 }
 
+# A1111 UI defaults that differ between commands (modules/ui.py: txt2img's hires denoising strength is 0.7).
+COMMAND_DEFAULTS = {"txt2img": {"denoising_strength": 0.7, "hr_upscaler": "Latent"}}
+
 # How --from-infotext reads keys whose value does not map to one field by the flag's type.
 MASKED_CONTENT = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3}
 INPAINT_AREA = {"Whole picture": False, "Only masked": True}
 MASK_MODE = {"Inpaint masked": 0, "Inpaint not masked": 1}
+INFOTEXT_LABELS = {"Inpaint area": ("inpaint_full_res", INPAINT_AREA),
+                   "Masked content": ("inpainting_fill", MASKED_CONTENT),
+                   "Mask mode": ("inpainting_mask_invert", MASK_MODE)}
 # Absent keys that mean a default (A1111 `infotext_utils.parse_generation_parameters` fills the first six the same
 # way; the others are written only when non-default, spec 9.3).
 INFOTEXT_ABSENT = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": "0",
@@ -319,27 +365,41 @@ INFOTEXT_ABSENT = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic",
                    "Noise multiplier": "1.0", "Extra noise": "0"}
 # Keys that describe the run but set nothing (hashes, names, versions).
 INFOTEXT_INFORMATIONAL = {"Model hash", "Model", "Version", "VAE hash", "VAE", "Init image hash", "User", "Task ID",
-                          "Lora hashes", "TI hashes"}
+                          "Lora hashes", "TI hashes", "Hires checkpoint"}
+# Infotext values meaning "not set" (A1111 writes them for the hires pass).
+INFOTEXT_NONE = {"Use same sampler", "Use same scheduler", "Automatic"}
 
 
-def processing_flags() -> tuple[Flag, ...]:
-    """FLAGS plus a generic flag for any Options field added since the table was written."""
+def processing_class(command: str):
+    """The processing dataclass a command fills."""
+    from .processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
+
+    return StableDiffusionProcessingTxt2Img if command == "txt2img" else StableDiffusionProcessingImg2Img
+
+
+def processing_flags(command: str = "img2img") -> tuple[Flag, ...]:
+    """The flags of a command: FLAGS whose field its processing class has, plus a generic flag for any Options
+    field added since the table was written."""
     from .processing import Options
 
+    cls_fields = {f.name for f in dataclasses.fields(processing_class(command)) if f.init}
+    mine = tuple(f for f in FLAGS if f.is_option or f.field in cls_fields)
     known = {f.field for f in FLAGS} | set(FIELDS_WITHOUT_FLAG)
     extra = tuple(Flag(f"opts.{f.name}", type(f.default), f"A1111 option {f.name}")
                   for f in dataclasses.fields(Options) if f"opts.{f.name}" not in known
                   and type(f.default) in (bool, int, float, str))
-    return FLAGS + extra
+    return mine + extra
 
 
-def field_default(flag: Flag) -> Any:
+def field_default(flag: Flag, command: str = "img2img") -> Any:
     """The value a flag has when nothing sets it."""
+    if flag.field in COMMAND_DEFAULTS.get(command, {}):
+        return COMMAND_DEFAULTS[command][flag.field]
     if flag.default is not FIELD_DEFAULT:
         return flag.default
-    from .processing import Options, StableDiffusionProcessingImg2Img
+    from .processing import Options
 
-    cls, name = (Options, flag.field[5:]) if flag.is_option else (StableDiffusionProcessingImg2Img, flag.field)
+    cls, name = (Options, flag.field[5:]) if flag.is_option else (processing_class(command), flag.field)
     for f in dataclasses.fields(cls):
         if f.name == name:
             return f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -357,10 +417,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_processing_flags(ap: argparse.ArgumentParser) -> None:
-    group = ap.add_argument_group("processing (one flag per field of StableDiffusionProcessingImg2Img / Options)")
-    for flag in processing_flags():
-        default = field_default(flag)
+def _add_processing_flags(ap: argparse.ArgumentParser, command: str) -> None:
+    cls = processing_class(command).__name__
+    group = ap.add_argument_group(f"processing (one flag per field of {cls} / Options)")
+    for flag in processing_flags(command):
+        default = field_default(flag, command)
         shown = "the model's native size" if default is None and flag.field in ("width", "height") else default
         kwargs: dict[str, Any] = {"dest": flag.field, "default": argparse.SUPPRESS,
                                   "help": f"{flag.help} [{flag.field}; default: {shown!r}]"}
@@ -385,12 +446,13 @@ def _argparse_float(text: str, allow_inf: bool) -> float:
         raise argparse.ArgumentTypeError(f"invalid finite number: {text!r}") from None
 
 
-def _add_run_flags(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("init", type=Path, nargs="?", help="init image file (or use --input-dir)")
+def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
+    if command != "txt2img":
+        ap.add_argument("init", type=Path, nargs="?", help="init image file (or use --input-dir)")
     ap.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint .safetensors/.ckpt (LDM layout); "
                     "default: the bundled tiny model")
     ap.add_argument("--outdir", type=Path, default=None, help=f"where PNGs are written, A1111 names "
-                    f"(<outdir>/<YYYY-MM-DD>/00000-<seed>.png); default {DEFAULT_OUTDIR}")
+                    f"(<outdir>/<YYYY-MM-DD>/00000-<seed>.png); default {DEFAULT_OUTDIRS[command]}")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="UNet and text-encoder dtype (the VAE runs in float32)")
@@ -400,6 +462,8 @@ def _add_run_flags(ap: argparse.ArgumentParser) -> None:
                     "'parameters' text (or a .txt file holding it); flags given on the command line win")
     ap.add_argument("--trace", type=Path, metavar="FILE.safetensors", help="record x, denoised, sigma and the step "
                     "index of every sampler step (scripts/compare_traces.py compares two); never overwrites")
+    if command == "txt2img":
+        return
     ap.add_argument("--input-dir", type=Path, metavar="DIR", help="batch: every image in DIR (needs --output-dir)")
     ap.add_argument("--mask-dir", type=Path, metavar="DIR", help="batch: the mask of input <stem>.* is "
                     "DIR/<stem>.*; a folder with a single image uses it for every input")
@@ -410,12 +474,12 @@ def _add_run_flags(ap: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="sdcore", description="Stable Diffusion img2img and inpainting (A1111 semantics)")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, what in (("img2img", "img2img / inpainting of an image file"),
-                       ("inpaint", "inpainting: img2img that needs a mask")):
-        sp = sub.add_parser(name, help=what, description=IMG2IMG_HELP,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_run_flags(sp)
-        _add_processing_flags(sp)
+    for name, what, text in (("img2img", "img2img / inpainting of an image file", IMG2IMG_HELP),
+                             ("inpaint", "inpainting: img2img that needs a mask", IMG2IMG_HELP),
+                             ("txt2img", "an image from a prompt, optionally with the hires fix", TXT2IMG_HELP)):
+        sp = sub.add_parser(name, help=what, description=text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_run_flags(sp, name)
+        _add_processing_flags(sp, name)
     info = sub.add_parser("info", help="what a checkpoint is, and why")
     info.add_argument("ckpt", type=Path, nargs="?", default=DEFAULT_CKPT)
     sub.add_parser("samplers", help="list sampler names, aliases and default schedulers")
@@ -454,44 +518,40 @@ def read_infotext_file(path: Path) -> str:
 
 def values_from_infotext(text: str, flags: tuple[Flag, ...], source: str = "--from-infotext: "
                          ) -> tuple[dict[str, Any], list[str]]:
-    """Map an infotext to {field: value}, plus the keys that set nothing. UsageError for unreadable values.
+    """Map an infotext to {field: value} for the given flags, plus the keys that set nothing.
 
     Keys follow `sdcore.infotext.parse_infotext` (spec 9.3): "Size" gives width and height, "Mask blur" both blur
-    axes, "Inpaint area" / "Masked content" / "Mask mode" their A1111 labels. Absent keys that A1111 omits when
-    at their default (`INFOTEXT_ABSENT`) set that default.
+    axes, "Inpaint area" / "Masked content" / "Mask mode" their A1111 labels, and any "Hires upscale/upscaler/
+    resize" key turns the hires fix on (as A1111's paste does). Absent keys that A1111 omits at their default
+    (`INFOTEXT_ABSENT`) set that default. Raises UsageError for a text without a parameter line or a bad value.
     """
     from .infotext import parse_infotext
 
     params = parse_infotext(text)
     if set(params) <= {"Prompt", "Negative prompt"}:
         raise UsageError(f"{source}no A1111 parameter line ('Steps: ..., Sampler: ..., ...') in the text")
-    for key, value in INFOTEXT_ABSENT.items():
-        params.setdefault(key, value)
+    hires = any(k in params for k in ("Hires upscale", "Hires upscaler", "Hires resize-1"))
+    absent = {key: value for key, value in INFOTEXT_ABSENT.items() if key not in params}
+    params.update(absent)
+    fields = {f.field: f for f in flags}
     by_key = {f.infotext: f for f in flags if f.infotext}
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"enable_hr": hires} if "enable_hr" in fields else {}
     unused = []
-
-    def label(table: dict, key: str, raw: str):
-        if raw not in table:
-            raise UsageError(f"{source}'{key}: {raw}'; allowed: {', '.join(map(repr, table))}")
-        return table[raw]
-
     for key, raw in params.items():
-        if key == "Mask blur":
-            blur = _parse_infotext_value(_flag(flags, "mask_blur_x"), key, raw, source)
-            values["mask_blur_x"] = values["mask_blur_y"] = blur
-        elif key == "Inpaint area":
-            values["inpaint_full_res"] = label(INPAINT_AREA, key, raw)
-        elif key == "Masked content":
-            values["inpainting_fill"] = label(MASKED_CONTENT, key, raw)
-        elif key == "Mask mode":
-            values["inpainting_mask_invert"] = label(MASK_MODE, key, raw)
+        if key == "Mask blur" and "mask_blur_x" in fields:
+            values["mask_blur_x"] = values["mask_blur_y"] = _parse_infotext_value(fields["mask_blur_x"], key, raw,
+                                                                                   source)
+        elif key in INFOTEXT_LABELS and INFOTEXT_LABELS[key][0] in fields:
+            field, table = INFOTEXT_LABELS[key]
+            if raw not in table:
+                raise UsageError(f"{source}'{key}: {raw}'; allowed: {', '.join(map(repr, table))}")
+            values[field] = table[raw]
         elif key in by_key:
-            values[by_key[key].field] = _parse_infotext_value(by_key[key], key, raw, source)
-        elif key not in INFOTEXT_INFORMATIONAL:
+            flag = by_key[key]
+            none = flag.kind is str and raw in INFOTEXT_NONE
+            values[flag.field] = None if none else _parse_infotext_value(flag, key, raw, source)
+        elif key not in INFOTEXT_INFORMATIONAL and key not in absent:
             unused.append(key)
-    if values.get("scheduler") in ("Automatic", "automatic"):
-        values["scheduler"] = None
     return values, unused
 
 
@@ -509,7 +569,7 @@ def _parse_infotext_value(flag: Flag, key: str, raw: str, source: str) -> Any:
 
 def resolve_values(args: argparse.Namespace, flags: tuple[Flag, ...]) -> tuple[dict[str, Any], list[str]]:
     """{field: value} for every flag: defaults, then --from-infotext, then the command line (each checked)."""
-    values = {f.field: field_default(f) for f in flags}
+    values = {f.field: field_default(f, args.command) for f in flags}
     unused: list[str] = []
     if args.from_infotext is not None:
         source = f"--from-infotext {args.from_infotext}: "
@@ -521,7 +581,7 @@ def resolve_values(args: argparse.Namespace, flags: tuple[Flag, ...]) -> tuple[d
             values[flag.field] = _checked(flag, explicit[flag.field], "")
     if "mask_blur" in explicit and ({"mask_blur_x", "mask_blur_y"} & set(explicit)):
         raise UsageError("--mask-blur: sets both axes; give it or --mask-blur-x / --mask-blur-y, not both")
-    if values["mask_blur"] is not None:
+    if values.get("mask_blur") is not None:
         values["mask_blur_x"] = values["mask_blur_y"] = values["mask_blur"]
     smin, smax = values.get("opts.sigma_min"), values.get("opts.sigma_max")
     if smin and smax and smin >= smax:
@@ -579,7 +639,7 @@ def _save_png(image, infotext: str) -> Callable[[Path], None]:
 class Task:
     """One img2img job of a run: the init image (and mask) files and, in batch mode, the outputs to create."""
 
-    init: Path
+    init: Path | None  # None for txt2img
     mask: Path | None
     outputs: list[Path] = dataclasses.field(default_factory=list)
     batch: bool = False
@@ -644,19 +704,33 @@ def _load_model(path: Path, device: str, dtype: str):
     return load_checkpoint(path, device=device, dtype=getattr(torch, dtype))
 
 
-def make_processing(sd, values: dict[str, Any], init, mask, latent_mask, outdir: Path | None):
-    """StableDiffusionProcessingImg2Img from resolved flag values (width/height None -> the model's native size)."""
-    from .processing import Options, StableDiffusionProcessingImg2Img
+def make_processing(sd, values: dict[str, Any], command: str, init=None, mask=None, latent_mask=None,
+                    outdir: Path | None = None):
+    """The command's processing object from resolved flag values (width/height None -> the model's native size)."""
+    from .processing import Options
 
     fields = {k: v for k, v in values.items() if not k.startswith("opts.")}
     opts = Options(**{k[5:]: v for k, v in values.items() if k.startswith("opts.")})
     size = sd.family.native_size
-    fields.update(width=fields["width"] or size, height=fields["height"] or size, mask=mask, latent_mask=latent_mask)
-    return StableDiffusionProcessingImg2Img(sd_model=sd, init_images=[init], opts=opts,
-                                            outpath_samples=None if outdir is None else str(outdir), **fields)
+    fields.update(width=fields["width"] or size, height=fields["height"] or size)
+    if command != "txt2img":
+        fields.update(init_images=[init], mask=mask, latent_mask=latent_mask)
+    return processing_class(command)(sd_model=sd, opts=opts, outpath_samples=None if outdir is None else str(outdir),
+                                     **fields)
 
 
 def _check_run_args(args, values: dict[str, Any]) -> None:
+    if args.trace is not None:
+        if getattr(args, "input_dir", None) is not None:
+            raise UsageError("--trace: records one job; not with --input-dir")
+        if args.trace.suffix != ".safetensors":
+            raise UsageError(f"--trace: {args.trace}; the file name must end in .safetensors")
+        if args.trace.exists():
+            raise UsageError(f"--trace: {args.trace} exists; traces are never overwritten")
+        if not args.trace.parent.is_dir():
+            raise UsageError(f"--trace: folder {args.trace.parent} does not exist")
+    if args.command == "txt2img":
+        return
     batch = args.input_dir is not None
     if batch and args.init is not None:
         raise UsageError(f"init: {args.init}; give an init image or --input-dir, not both")
@@ -675,19 +749,12 @@ def _check_run_args(args, values: dict[str, Any]) -> None:
         raise UsageError("--mask: inpaint needs a mask (--mask FILE, or --mask-dir with --input-dir)")
     if values["latent_mask"] is not None and values["mask"] is None and args.mask_dir is None:
         raise UsageError("--latent-mask: only used together with a mask (--mask)")
-    if args.trace is not None:
-        if batch:
-            raise UsageError("--trace: records one job; not with --input-dir")
-        if args.trace.suffix != ".safetensors":
-            raise UsageError(f"--trace: {args.trace}; the file name must end in .safetensors")
-        if args.trace.exists():
-            raise UsageError(f"--trace: {args.trace} exists; traces are never overwritten")
-        if not args.trace.parent.is_dir():
-            raise UsageError(f"--trace: folder {args.trace.parent} does not exist")
 
 
 def _open_inputs(task: Task, values: dict[str, Any]):
-    """(init, mask, latent mask) images of a task, checked for matching sizes."""
+    """(init, mask, latent mask) images of a task (None for txt2img), checked for matching sizes."""
+    if task.init is None:
+        return None, None, None
     init = open_image(task.init, f"--input-dir {task.init.name}" if task.batch else "init")
     mask_arg = f"--mask-dir {task.mask.name if task.mask else ''}" if task.batch else "--mask"
     mask = open_image(task.mask, mask_arg) if task.mask is not None else None
@@ -701,20 +768,31 @@ def _open_inputs(task: Task, values: dict[str, Any]):
 def _check_processing(p) -> None:
     """What processing would reject at run time, checked before anything is written."""
     p.validate()
-    if p.latent_mask is not None and p.latent_mask.size != (p.width, p.height):
+    # sdcore's UNet needs latents divisible by its total downsampling (A1111 accepts multiples of 8 pixels by
+    # resizing skip connections, modules/sd_hijack_unet.py); refuse early rather than after the first pass.
+    multiple = 8 * 2 ** (len(p.sd_model.family.unet.channel_mult) - 1)
+    sizes = [("--width", p.width), ("--height", p.height)]
+    if getattr(p, "enable_hr", False):
+        sizes += list(zip(("hires width (--hr-scale / --hr-resize-x)", "hires height (--hr-scale / --hr-resize-y)"),
+                          p.hr_size()))
+    for flag, size in sizes:
+        if size % multiple:
+            raise UsageError(f"{flag}: {size}; this model's UNet needs a multiple of {multiple} pixels")
+    if getattr(p, "latent_mask", None) is not None and p.latent_mask.size != (p.width, p.height):
         raise UsageError(f"--latent-mask: size {p.latent_mask.size[0]}x{p.latent_mask.size[1]}; must be the "
                          f"processing size {p.width}x{p.height}")
 
 
-def run_img2img(args) -> int:
-    flags = processing_flags()
-    values, unused = resolve_values(args, flags)
+def run_generate(args) -> int:
+    """img2img, inpaint and txt2img: resolve the values, check every input, then explain or run each job."""
+    values, unused = resolve_values(args, processing_flags(args.command))
     _check_run_args(args, values)
-    n_images = values["batch_size"] * values["n_iter"]
-    if args.input_dir is not None:
-        tasks = batch_tasks(args.input_dir, args.mask_dir, args.output_dir, n_images)
+    command = "txt2img" if args.command == "txt2img" else "img2img"
+    batch = getattr(args, "input_dir", None) is not None
+    if batch:
+        tasks = batch_tasks(args.input_dir, args.mask_dir, args.output_dir, values["batch_size"] * values["n_iter"])
     else:
-        tasks = [Task(args.init, values["mask"])]
+        tasks = [Task(getattr(args, "init", None), values.get("mask"))]
     todo = [t for t in tasks if args.explain or not t.done]
     for t in tasks:
         if t not in todo:
@@ -723,30 +801,26 @@ def run_img2img(args) -> int:
         print(f"sdcore: note: infotext keys not used: {', '.join(unused)}", file=sys.stderr)
 
     sd = _load_model(args.ckpt, args.device, args.dtype)
-    outdir = None if args.input_dir is not None else (args.outdir or DEFAULT_OUTDIR)
+    outdir = None if batch else (args.outdir or DEFAULT_OUTDIRS[args.command])
     # Everything that can be checked is checked for every task before the first file is written.
     for task in todo:
-        init, mask, latent_mask = _open_inputs(task, values)
-        _check_processing(make_processing(sd, values, init, mask, latent_mask, outdir))
-        del init, mask, latent_mask
-
+        _check_processing(make_processing(sd, values, command, *_open_inputs(task, values), outdir=outdir))
     if args.explain:
         for task in todo:
-            print(explain(sd, values, task))
+            print(explain(sd, values, command, task))
         return 0
     from tqdm.auto import tqdm
 
     for task in tqdm(todo, desc="images", unit="input", disable=None if len(todo) > 1 else True):
-        run_task(sd, values, task, outdir, args.trace)
+        run_task(sd, values, command, task, outdir, args.trace)
     return 0
 
 
-def run_task(sd, values: dict[str, Any], task: Task, outdir: Path | None, trace: Path | None) -> None:
+def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path | None, trace: Path | None) -> None:
     """Run one job; print the saved paths. Batch tasks write only their missing outputs."""
     from .processing import process_images
 
-    init, mask, latent_mask = _open_inputs(task, values)
-    p = make_processing(sd, values, init, mask, latent_mask, outdir)
+    p = make_processing(sd, values, command, *_open_inputs(task, values), outdir=outdir)
     recorder = None
     if trace is not None:
         from .sampling.samplers import TraceRecorder
@@ -763,10 +837,10 @@ def run_task(sd, values: dict[str, Any], task: Task, outdir: Path | None, trace:
             write_new_file(path, _save_png(image, text))
             print(path)
     if recorder is not None:
-        meta = {"sampler": p.sampler.name, "scheduler": str(p.scheduler), "steps": str(p.steps),
+        meta = {"command": command, "sampler": p.sampler.name, "scheduler": str(p.scheduler), "steps": str(p.steps),
                 "denoising_strength": str(p.denoising_strength), "seeds": json.dumps(processed.seeds),
-                "infotext": processed.infotexts[0]}
-        write_new_file(trace, lambda tmp: recorder.save(tmp, metadata={**meta, "calls": str(len(recorder.records))}))
+                "infotext": processed.infotexts[0], "calls": str(len(recorder.records))}
+        write_new_file(trace, lambda tmp: recorder.save(tmp, metadata=meta))
         print(trace)
 
 
@@ -774,18 +848,14 @@ def run_task(sd, values: dict[str, Any], task: Task, outdir: Path | None, trace:
 # --explain: a dry run through process_images with recording stand-ins for the UNet and the VAE
 
 
-def _recording_unet(out_channels: int):
+def _recording_unet(out_channels: int, events: list):
     import torch
 
     class RecordingUNet(torch.nn.Module):
-        """Stands in for the UNet: records each call's rows and timesteps, returns zeros (eps = 0: denoised = x)."""
-
-        def __init__(self):
-            super().__init__()
-            self.calls: list[tuple[int, float]] = []
+        """Stands in for the UNet: records ("call", rows, timestep) per call, returns zeros (eps = 0: denoised = x)."""
 
         def forward(self, x, timesteps, context=None, y=None):
-            self.calls.append((x.shape[0], float(timesteps.reshape(-1)[0])))
+            events.append(("call", x.shape[0], float(timesteps.reshape(-1)[0])))
             return x.new_zeros(x.shape[0], out_channels, *x.shape[2:])
 
     return RecordingUNet()
@@ -812,20 +882,53 @@ def _zero_vae(config):
     return ZeroVAE()
 
 
+def split_passes(events: list[tuple]) -> list[list[tuple[int, float]]]:
+    """Group recorded UNet calls into sampling passes: a pass starts at a sampler callback with step index 0.
+
+    `events`: ("call", rows, timestep) from the recording UNet and ("step", i) from the sampler callback, in order.
+    A call belongs to the pass of the next callback (samplers call the model, then the callback).
+    """
+    passes: list[list[tuple[int, float]]] = []
+    pending: list[tuple[int, float]] = []
+    for kind, *data in events:
+        if kind == "call":
+            pending.append((data[0], data[1]))
+            continue
+        if data[0] == 0 or not passes:
+            passes.append([])
+        passes[-1] += pending
+        pending = []
+    if pending:
+        passes.append(pending) if not passes else passes[-1].extend(pending)
+    return passes
+
+
 @dataclass
 class Plan:
-    """What a job will do, read off a dry run (see `dry_run`)."""
+    """What a job will do, read off a dry run (see `dry_run`).
+
+    `passes`: the UNet calls (rows, timestep) of each sampling pass, in order (n_iter passes, or 2 * n_iter with
+    the hires fix). img2img: `steps`, `t_enc` from `setup_img2img_steps`, `sigma_sched` the tail of the schedule
+    (t_enc + 2 values) or, for timestep samplers, `timesteps` the grid. txt2img: `sigma_sched` the whole schedule,
+    t_enc None; `hr_steps`, `hr_t_enc` for the hires pass.
+    """
 
     p: Any
     processed: Any
-    unet_calls: list[tuple[int, float]]
+    passes: list[list[tuple[int, float]]]
     steps: int
-    t_enc: int
-    sigma_sched: Any  # k-diffusion samplers: the img2img tail of the schedule, t_enc + 2 values
-    timesteps: Any  # timestep samplers: the grid head the sampler walks
+    t_enc: int | None
+    sigma_sched: Any
+    timesteps: Any
+    hr_steps: int | None = None
+    hr_t_enc: int | None = None
+
+    @property
+    def unet_calls(self) -> list[tuple[int, float]]:
+        return [c for calls in self.passes for c in calls]
 
 
-def dry_run(sd, values: dict[str, Any], task: Task) -> Plan:
+def dry_run(sd, values: dict[str, Any], task: Task, command: str = "img2img") -> Plan:
     """Run `process_images` on the job with the UNet and VAE replaced by recording stand-ins (text encoder real).
 
     Seeds, masks, crop regions, schedules and the sampler's calls come from the same processing code as a real
@@ -834,68 +937,91 @@ def dry_run(sd, values: dict[str, Any], task: Task) -> Plan:
     from .processing import process_images
     from .sampling import schedules
 
-    fam = sd.family
-    stub = dataclasses.replace(sd, unet=_recording_unet(fam.unet.out_channels), vae=_zero_vae(fam.vae), path=None)
-    init, mask, latent_mask = _open_inputs(task, values)
-    p = make_processing(stub, values, init, mask, latent_mask, None)
-    processed = process_images(p, disable_progress=True)
-    steps, t_enc = schedules.setup_img2img_steps(p.steps, p.denoising_strength, p.opts.img2img_fix_steps)
-    sigma_sched = timesteps = None
+    fam, events = sd.family, []
+    stub = dataclasses.replace(sd, unet=_recording_unet(fam.unet.out_channels, events), vae=_zero_vae(fam.vae),
+                               path=None)
+    p = make_processing(stub, values, command, *_open_inputs(task, values))
+    processed = process_images(p, callback=lambda d: events.append(("step", int(d["i"]))), disable_progress=True)
+    plan = Plan(p, processed, split_passes(events), p.steps, None, None, None)
+    if command == "txt2img":
+        plan.sigma_sched = p.get_sigmas(p.steps) if p.sampler.kind != "timestep" else None
+        if p.enable_hr:
+            plan.hr_steps, plan.hr_t_enc = schedules.setup_img2img_steps(
+                p.hr_second_pass_steps or p.steps, p.denoising_strength, fix_steps=True)
+    else:
+        plan.steps, plan.t_enc = schedules.setup_img2img_steps(p.steps, p.denoising_strength, p.opts.img2img_fix_steps)
+        if p.sampler.kind != "timestep":
+            plan.sigma_sched = schedules.img2img_sigmas(p.get_sigmas(plan.steps), plan.steps, plan.t_enc)
     if p.sampler.kind == "timestep":
         from .sampling.timesteps import get_timesteps
 
-        timesteps = get_timesteps(steps, p.sampler.discard_next_to_last_sigma)
-    else:
-        sigma_sched = schedules.img2img_sigmas(p.get_sigmas(steps), steps, t_enc)
-    return Plan(p, processed, stub.unet.calls, steps, t_enc, sigma_sched, timesteps)
+        plan.timesteps = get_timesteps(plan.steps, p.sampler.discard_next_to_last_sigma)
+    return plan
 
 
 def _numbers(values, fmt: str = "{:.4f}") -> str:
     return ", ".join(fmt.format(float(v)) for v in values)
 
 
-def explain(sd, values: dict[str, Any], task: Task) -> str:
+def _calls_line(p, name: str, calls: list[tuple[int, float]], n_passes: int, timestep: bool) -> list[str]:
+    import torch
+
+    rows = sum(r for r, _ in calls)
+    note = " (DPM adaptive: the count depends on the model's outputs)" if p.sampler.name == "DPM adaptive" else ""
+    lines = [f"{name}model calls: {len(calls)} per batch x {n_passes} batch(es); UNet rows per batch: {rows} "
+             f"(batch {p.batch_size} x 2 for cond + uncond in each call){note}"]
+    if timestep:
+        lines.append(f"{name}model call timesteps: {_numbers([t for _, t in calls], '{:.0f}')}")
+    elif calls:
+        sigmas = p.denoiser_schedule().t_to_sigma(torch.tensor([t for _, t in calls]))
+        lines.append(f"{name}model call sigmas: {_numbers(sigmas)}")
+    return lines
+
+
+def explain(sd, values: dict[str, Any], command: str, task: Task) -> str:
     """The plan of one job as text: t_enc, sigmas, model calls, mask coverage, crop region, seeds."""
-    plan = dry_run(sd, values, task)
+    plan = dry_run(sd, values, task, command)
     p, processed = plan.p, plan.processed
     h, w = p.height // 8, p.width // 8
-    lines = [f"input: {task.init}" + (f" -> {', '.join(map(str, task.outputs))}" if task.outputs else ""),
-             f"model: {sd.family.name} ({sd.path}); processing size {p.width}x{p.height} px = latent {w}x{h} cells"]
+    lines = [f"model: {sd.family.name} ({sd.path}); size {p.width}x{p.height} px = latent {w}x{h} cells"]
+    if task.init is not None:
+        lines.insert(0, f"input: {task.init}" + (f" -> {', '.join(map(str, task.outputs))}" if task.outputs else ""))
     timestep = p.sampler.kind == "timestep"
     scheduler = "" if timestep else f"; scheduler: {p.extra_generation_params.get('Schedule type', 'Uniform')}"
     order = " (second order: two model calls per step)" if p.sampler.second_order else ""
     lines.append(f"sampler: {p.sampler.name}{scheduler}{order}")
-    fix = " (img2img-fix-steps)" if p.opts.img2img_fix_steps else ""
-    lines.append(f"steps: {p.steps}, denoising strength {p.denoising_strength} -> a schedule of {plan.steps} steps"
-                 f"{fix}, t_enc = {plan.t_enc}")
-    if timestep:
-        lines.append(f"timesteps: noise level of t = {int(plan.timesteps[plan.t_enc])}, then the sampler walks "
-                     f"{_numbers(reversed(plan.timesteps[:plan.t_enc]), '{:.0f}')}")
+    if command == "txt2img":
+        lines.append(f"steps: {p.steps} from pure noise")
+        if plan.sigma_sched is not None:
+            lines.append(f"sigmas ({len(plan.sigma_sched)} values): {_numbers(plan.sigma_sched)}")
     else:
-        lines.append(f"sigma slice: the last {plan.t_enc + 1} steps, {len(plan.sigma_sched)} values (noise added at "
-                     f"the first): {_numbers(plan.sigma_sched)}")
-    calls = plan.unet_calls
-    per_iter = calls[:len(calls) // p.n_iter]
-    rows = sum(r for r, _ in calls)
-    note = " (DPM adaptive: the count depends on the model's outputs)" if p.sampler.name == "DPM adaptive" else ""
-    lines.append(f"model calls: {len(per_iter)} per batch x {p.n_iter} batch(es) = {len(calls)}; UNet rows: {rows} "
-                 f"(batch {p.batch_size} x 2 for cond + uncond in each call){note}")
-    if timestep:
-        lines.append(f"model call timesteps: {_numbers([t for _, t in per_iter], '{:.0f}')}")
-    elif per_iter:
-        import torch
-
-        sigmas = p.denoiser_schedule().t_to_sigma(torch.tensor([t for _, t in per_iter]))
-        lines.append(f"model call sigmas: {_numbers(sigmas)}")
+        fix = " (img2img-fix-steps)" if p.opts.img2img_fix_steps else ""
+        lines.append(f"steps: {p.steps}, denoising strength {p.denoising_strength} -> a schedule of {plan.steps} "
+                     f"steps{fix}, t_enc = {plan.t_enc}")
+        if timestep:
+            lines.append(f"timesteps: noise level of t = {int(plan.timesteps[plan.t_enc])}, then the sampler walks "
+                         f"{_numbers(reversed(plan.timesteps[:plan.t_enc]), '{:.0f}')}")
+        else:
+            lines.append(f"sigma slice: the last {plan.t_enc + 1} steps, {len(plan.sigma_sched)} values (noise added "
+                         f"at the first): {_numbers(plan.sigma_sched)}")
+    per_batch = len(plan.passes) // p.n_iter
+    lines += _calls_line(p, "first pass " if per_batch == 2 else "", plan.passes[0], p.n_iter, timestep)
+    if per_batch == 2:
+        hw, hh = p.hr_size()
+        lines.append(f"hires pass: {p.hr_upscaler or 'Latent'} to {hw}x{hh} px, {p.hr_second_pass_steps or p.steps} "
+                     f"steps at denoising strength {p.denoising_strength} -> a schedule of {plan.hr_steps} steps, "
+                     f"t_enc = {plan.hr_t_enc}")
+        hr_timestep = find_sampler_kind(p.hr_sampler_name) if p.hr_sampler_name else timestep
+        lines += _calls_line(p, "hires pass ", plan.passes[1], p.n_iter, hr_timestep)
     if processed.nmask is not None:
         nmask = processed.nmask[0, 0].float()
         cells = int((nmask > 0).sum())
         lines.append(f"mask coverage: {cells} of {h * w} latent cells regenerated ({cells / (h * w):.4f}); "
                      f"mean regenerate weight {float(nmask.mean()):.4f}")
         lines.append(f"masked content: {['fill', 'original', 'latent noise', 'latent nothing'][p.inpainting_fill]}")
-    else:
+    elif command != "txt2img":
         lines.append("mask: none (every latent cell regenerated)")
-    if p.paste_to is not None:
+    if getattr(p, "paste_to", None) is not None:
         x, y, pw, ph = p.paste_to
         lines.append(f"inpaint area: only masked; crop region (x1, y1, x2, y2) = ({x}, {y}, {x + pw}, {y + ph}), "
                      f"processed at {p.width}x{p.height}, pasted back at {pw}x{ph}")
@@ -907,6 +1033,13 @@ def explain(sd, values: dict[str, Any], task: Task) -> str:
                       for s, v in zip(processed.seeds, processed.subseeds))
     lines.append(f"seeds ({len(processed.seeds)} images): {seeds}")
     return "\n".join(lines)
+
+
+def find_sampler_kind(name: str) -> bool:
+    """True if the named sampler is a timestep sampler (DDIM, PLMS, UniPC)."""
+    from .sampling.samplers import find_sampler
+
+    return find_sampler(name)[0].kind == "timestep"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -944,7 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a parse error (2, already printed in one line)
         return e.code if isinstance(e.code, int) else 2
-    run = {"img2img": run_img2img, "inpaint": run_img2img, "info": run_info, "samplers": run_samplers}[args.command]
+    run = {"img2img": run_generate, "inpaint": run_generate, "txt2img": run_generate, "info": run_info,
+           "samplers": run_samplers}[args.command]
     try:
         return run(args)
     except (ValueError, TypeError, NotImplementedError, CheckpointError, FileNotFoundError, FileExistsError) as e:

@@ -18,7 +18,7 @@ from conftest import rect_mask
 from sdcore import cli
 from sdcore.cli import (FIELDS_WITHOUT_FLAG, FLAGS, Task, build_parser, dry_run, main, make_processing,
                         processing_flags, resolve_values, values_from_infotext, write_new_file)
-from sdcore.processing import Options, StableDiffusionProcessingImg2Img
+from sdcore.processing import Options, StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
 
 _cached_load = functools.lru_cache(maxsize=4)(cli._load_model)
 
@@ -54,6 +54,12 @@ def plan_for(sd, *argv):
     args = build_parser().parse_args(["img2img", *map(str, argv)])
     values, _ = resolve_values(args, processing_flags())
     return dry_run(sd, values, Task(args.init, values["mask"]))
+
+
+def txt2img_plan(sd, *argv):
+    args = build_parser().parse_args(["txt2img", *map(str, argv)])
+    values, _ = resolve_values(args, processing_flags("txt2img"))
+    return dry_run(sd, values, Task(None, None), "txt2img")
 
 
 SMALL = ("--width", "64", "--height", "64")
@@ -93,13 +99,15 @@ def test_info_and_samplers(capsys, sd1_tiny_path):
 
 # -- flags ---------------------------------------------------------------------------------------------------------
 
-def test_every_field_has_one_flag_or_a_reason():
+@pytest.mark.parametrize("command, cls", [("img2img", StableDiffusionProcessingImg2Img),
+                                          ("txt2img", StableDiffusionProcessingTxt2Img)])
+def test_every_field_has_one_flag_or_a_reason(command, cls):
     """Issue 5 item 7: one flag per field. A new processing field must get a flag (or a reason in the table)."""
-    flagged = [f.field for f in processing_flags()]
+    flagged = [f.field for f in processing_flags(command)]
     assert len(flagged) == len(set(flagged))
-    names = [n for f in processing_flags() for n in (f.flag, *f.aliases)]
+    names = [n for f in processing_flags(command) for n in (f.flag, *f.aliases)]
     assert len(names) == len(set(names))
-    for f in dataclasses.fields(StableDiffusionProcessingImg2Img):
+    for f in dataclasses.fields(cls):
         if f.init:
             assert f.name in flagged or f.name in FIELDS_WITHOUT_FLAG, f.name
     for f in dataclasses.fields(Options):
@@ -138,7 +146,7 @@ def test_every_flag_sets_its_field(sd1_tiny, files):
             argv += [flag.flag, str(value)]
     args = build_parser().parse_args(argv)
     values, _ = resolve_values(args, processing_flags())
-    p = make_processing(sd1_tiny, values, Image.open(files / "init.png"), None, None, None)
+    p = make_processing(sd1_tiny, values, "img2img", Image.open(files / "init.png"))
     for field, value in chosen.items():
         owner, name = (p.opts, field[5:]) if field.startswith("opts.") else (p, field)
         assert getattr(owner, name) == value, field
@@ -147,7 +155,7 @@ def test_every_flag_sets_its_field(sd1_tiny, files):
     args = build_parser().parse_args(["img2img", str(files / "init.png"), "--no-seed-enable-extras",
                                       "--seed-resize-from-w", "40", "--mask-blur", "6"])
     values, _ = resolve_values(args, processing_flags())
-    p = make_processing(sd1_tiny, values, Image.open(files / "init.png"), None, None, None)
+    p = make_processing(sd1_tiny, values, "img2img", Image.open(files / "init.png"))
     assert not p.seed_enable_extras and p.subseed_strength == 0 and p.seed_resize_from_w == 0  # A1111 __post_init__
     assert (p.mask_blur_x, p.mask_blur_y) == (6, 6)
 
@@ -157,7 +165,7 @@ def test_defaults_are_the_a1111_ui_defaults(sd1_tiny, files):
     width/height the model's native size."""
     args = build_parser().parse_args(["img2img", str(files / "init.png")])
     values, _ = resolve_values(args, processing_flags())
-    p = make_processing(sd1_tiny, values, Image.open(files / "init.png"), None, None, None)
+    p = make_processing(sd1_tiny, values, "img2img", Image.open(files / "init.png"))
     assert (p.steps, p.denoising_strength, p.inpainting_fill, p.inpaint_full_res, p.inpaint_full_res_padding) == \
         (20, 0.75, 1, False, 32)
     assert (p.mask_blur_x, p.mask_blur_y, p.sampler_name, p.cfg_scale, p.seed) == (4, 4, "DPM++ 2M", 7.0, -1)
@@ -244,7 +252,7 @@ def test_explain_prints_the_plan_and_writes_nothing(capsys, files, sd1_tiny_path
                          "--outdir", outdir)
     assert code == 0, err
     assert "t_enc = 15" in out and "4.8557, 3.8654" in out
-    assert "model calls: 16 per batch x 2 batch(es) = 32; UNet rows: 128" in out
+    assert "model calls: 16 per batch x 2 batch(es); UNet rows per batch: 64" in out
     assert "crop region (x1, y1, x2, y2) = (16, 16, 48, 48)" in out
     assert "16 of 64 latent cells regenerated (0.2500)" in out
     assert "seeds (4 images): 1000, 1001, 1002, 1003" in out
@@ -445,6 +453,73 @@ def test_trace_records_every_step_and_is_never_overwritten(capsys, files, sd1_ti
     code, _, err = run(capsys, *argv, "--outdir", tmp_path / "again")
     assert code == 2 and "--trace" in err and "exists" in err
     assert trace.read_bytes() == before and not (tmp_path / "again").exists()
+
+
+# -- txt2img ---------------------------------------------------------------------------------------------------------
+
+def test_txt2img_defaults_and_hires_flags(sd1_tiny):
+    """txt2img's UI defaults (A1111 modules/ui.py): hires denoising 0.7, upscaler Latent, scale 2; no img2img flags."""
+    args = build_parser().parse_args(["txt2img", "--enable-hr", "--hr-resize-x", "128", "--hr-second-pass-steps",
+                                      "5", "--hr-sampler-name", "Euler", "--hr-prompt", "x"])
+    values, _ = resolve_values(args, processing_flags("txt2img"))
+    p = make_processing(sd1_tiny, values, "txt2img")
+    assert isinstance(p, StableDiffusionProcessingTxt2Img)
+    assert (p.denoising_strength, p.hr_upscaler, p.hr_scale, p.steps) == (0.7, "Latent", 2.0, 20)
+    assert (p.enable_hr, p.hr_resize_x, p.hr_second_pass_steps, p.hr_sampler_name, p.hr_prompt) == \
+        (True, 128, 5, "Euler", "x")
+    assert {f.field for f in processing_flags("txt2img")}.isdisjoint({"mask", "inpainting_fill", "resize_mode"})
+
+
+def test_txt2img_explain_both_passes(sd1_tiny):
+    """First pass: the whole 4-step uniform schedule, Heun = 2 calls per step but 1 into sigma 0 -> 7. Hires pass:
+    3 steps at d 0.5 are an explicit step count (spec 6.2): a schedule of int(3 / 0.5) = 6 steps, t_enc 2 -> 3 steps,
+    5 calls."""
+    plan = txt2img_plan(sd1_tiny, "--sampler", "Heun", "--steps", 4, "--seed", 3, *SMALL, "--enable-hr",
+                        "--hr-second-pass-steps", 3, "--denoising-strength", 0.5)
+    assert len(plan.sigma_sched) == 5 and float(plan.sigma_sched[0]) == pytest.approx(14.6146, rel=1e-4)
+    assert (plan.hr_steps, plan.hr_t_enc) == (6, 2)
+    assert [len(calls) for calls in plan.passes] == [7, 5]
+    assert plan.p.hr_size() == (128, 128) and plan.processed.seeds == [3]
+
+
+def test_txt2img_hires_run_reproduces_from_its_infotext(capsys, sd1_tiny_path, tmp_path):
+    code, out, err = run(capsys, "txt2img", "--ckpt", sd1_tiny_path, "--prompt", "a cat", "--seed", 3, "--steps", 2,
+                         *SMALL, "--enable-hr", "--hr-upscaler", "Lanczos", "--hr-second-pass-steps", 2,
+                         "--outdir", tmp_path / "a")
+    assert code == 0, err
+    first = Path(out.split()[0])
+    assert Image.open(first).size == (128, 128) and "Hires upscaler: Lanczos" in Image.open(first).text["parameters"]
+    code, out, err = run(capsys, "txt2img", "--ckpt", sd1_tiny_path, "--from-infotext", first, "--outdir",
+                         tmp_path / "b")
+    assert code == 0 and err == "", err
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(out.split()[0])))
+
+
+def test_txt2img_infotext_hires_keys():
+    text = ("a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.4, "
+            "Hires resize: 1024x768, Hires steps: 5, Hires upscaler: Latent (nearest), Hires sampler: Use same sampler, "
+            "Hires prompt: b, Mask blur: 4")
+    values, unused = values_from_infotext(text, processing_flags("txt2img"))
+    assert values["enable_hr"] is True and values["denoising_strength"] == 0.4
+    assert (values["hr_resize_x"], values["hr_resize_y"], values["hr_second_pass_steps"]) == (1024, 768, 5)
+    assert (values["hr_upscaler"], values["hr_sampler_name"], values["hr_prompt"]) == ("Latent (nearest)", None, "b")
+    assert unused == ["Mask blur"]
+    values, _ = values_from_infotext("a\nSteps: 20, Sampler: Euler, Seed: 1", processing_flags("txt2img"))
+    assert values["enable_hr"] is False
+
+
+@pytest.mark.parametrize("extra, arg", [
+    (["--enable-hr", "--hr-upscaler", "Bicubic"], "--hr-upscaler"),
+    (["--enable-hr", "--hr-scale", "1.5"], "hires width"),  # 96 px: the SD1 UNet needs multiples of 64
+    (["--width", "96"], "--width"),
+    (["--hr-sampler-name", "nope"], "--hr-sampler-name"),
+    (["--mask", "m.png"], "--mask"),  # not a txt2img flag
+])
+def test_txt2img_bad_values_exit_2(capsys, sd1_tiny_path, tmp_path, extra, arg):
+    code, _, err = run(capsys, "txt2img", "--ckpt", sd1_tiny_path, "--outdir", tmp_path / "never", *SMALL[2:],
+                       *(["--width", "64"] if "--width" not in extra else []), *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and arg in err, err
+    assert not (tmp_path / "never").exists()
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------

@@ -857,7 +857,8 @@ def create_infotext(p: StableDiffusionProcessing, index: int) -> str:
         seed_resize_from=resize if min(resize) > 0 else None,
         conditional_mask_weight=p.opts.inpainting_mask_weight if p.is_using_inpainting_conditioning else None,
         clip_skip=p.opts.CLIP_stop_at_last_layers if p.opts.CLIP_stop_at_last_layers > 1 else None,
-        ensd=p.opts.eta_noise_seed_delta or None,
+        ensd=p.opts.eta_noise_seed_delta if p.opts.eta_noise_seed_delta and p.sampler.uses_ensd
+        and (p.eta if p.eta is not None else p.opts.eta_ancestral) != 0 else None,
         rng=p.opts.randn_source if p.opts.randn_source != "GPU" else None,
         extra=p.extra_generation_params, version=VERSION)
 

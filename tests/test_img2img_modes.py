@@ -159,3 +159,34 @@ def test_image_cfg_scale_dropped_for_non_edit_models(sd1_tiny, photo):
     p = job(sd1_tiny, photo, image_cfg_scale=1.5)
     process_images(p)
     assert p.image_cfg_scale is None
+
+
+def test_eta_noise_seed_delta_changes_only_per_step_noise(sd1_tiny, photo):
+    # spec 8.2: after the initial noise the generators are reseeded with seed + ENSD; ENSD is written to the
+    # infotext only for samplers flagged uses_ensd (Euler a), and deterministic samplers are unaffected.
+    ensd = Options(eta_noise_seed_delta=31337)
+    a = process_images(job(sd1_tiny, photo, sampler_name="Euler a"))
+    b = process_images(job(sd1_tiny, photo, sampler_name="Euler a", opts=ensd))
+    assert np.abs(np.asarray(a.images[0], np.int16) - np.asarray(b.images[0], np.int16)).mean() > 0.5
+    assert "ENSD: 31337" in b.info
+    c = process_images(job(sd1_tiny, photo, sampler_name="DPM++ 2M"))
+    d = process_images(job(sd1_tiny, photo, sampler_name="DPM++ 2M", opts=ensd))
+    assert np.array_equal(np.asarray(c.images[0]), np.asarray(d.images[0])) and "ENSD" not in d.info
+
+
+def test_nv_rng_source(sd1_tiny, photo):
+    # spec 8.3: "NV" draws the initial noise from Philox; recorded as "RNG: NV"
+    cpu = process_images(job(sd1_tiny, photo))
+    nv = process_images(job(sd1_tiny, photo, opts=Options(randn_source="NV")))
+    assert "RNG: NV" in nv.info and "RNG: CPU" in cpu.info
+    assert np.abs(np.asarray(cpu.images[0], np.int16) - np.asarray(nv.images[0], np.int16)).mean() > 0.5
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE", "DDIM"])
+def test_batch_image_equals_same_seed_alone(sd1_tiny, photo, sampler):
+    # issue 4: per-image noise -> image i of a batch of 4 is the same seed run alone (up to float32 batching)
+    kw = dict(sampler_name=sampler, eta=1.0 if sampler == "DDIM" else None)
+    batch = process_images(job(sd1_tiny, photo, seed=500, batch_size=4, **kw))
+    alone = process_images(job(sd1_tiny, photo, seed=502, **kw))
+    diff = np.abs(np.asarray(batch.images[2], np.int16) - np.asarray(alone.images[0], np.int16))
+    assert diff.max() <= 1

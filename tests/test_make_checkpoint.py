@@ -150,13 +150,77 @@ def test_alphas_cumprod_agrees_with_the_schedules_module():
     assert torch.equal(mc.ldm_ddpm_buffers()["alphas_cumprod"], sd_alphas_cumprod())
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint"])
-def test_tiny_config_is_what_the_loader_reads(family):
+def test_tiny_config_is_what_the_loader_reads():
     """Head counts are not in the weights: sdcore.checkpoint reads the rest off the shapes and takes heads from the
     family (UNet) or width / 64 (CLIP); the tiny config must agree with it."""
     from sdcore.checkpoint import detect_family
-    config = mc.family_config(family, "tiny")
-    shapes = {k: tuple(v.shape) for k, v in mc.make_state_dict(family, "tiny", seed=0).items()}
+    config = mc.family_config("sd1-inpaint", "tiny")
+    shapes = {k: tuple(v.shape) for k, v in mc.make_state_dict("sd1-inpaint", "tiny", seed=0).items()}
+    assert shapes == mc.layout_shapes("sd1-inpaint", "tiny")
     detected = detect_family(shapes).family
-    assert detected.name == family
+    assert detected.name == "sd1-inpaint"
     assert (detected.unet, detected.vae, detected.text) == (config.unet, config.vae, config.text)
+
+
+FAMILIES = sorted(set(mc.EXTRA_KEYS) - {"tiny"})
+
+
+@pytest.mark.parametrize("size", mc.SIZES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_detected_as_itself(family, size):
+    """Full and tiny layouts of every family read back as that family with the same configs (SD2 eps/v share a
+    layout: the probe tells them apart, see test_sd2_files_pass_the_v_probe_as_their_family)."""
+    from sdcore.checkpoint import detect_family
+    config = mc.family_config(family, size)
+    detection = detect_family(mc.layout_shapes(family, size))
+    assert detection.family.name == {"sd2-v": "sd2"}.get(family, family)
+    assert detection.probe_prediction == (family in ("sd2", "sd2-v"))
+    assert (detection.family.unet, detection.family.vae, detection.family.text) == (config.unet, config.vae,
+                                                                                    config.text)
+
+
+def test_real_key_layouts():
+    """Prefixes and tensors of the real files: SD2 open_clip text with text_projection and logit_scale; SDXL
+    CLIP-L (transformers) + bigG (open_clip) under conditioner.embedders; refiner bigG alone at index 0; sgm files
+    without DDPM buffers; known full-size shapes (sd_xl_base_1.0: label_emb [1280, 2816], context 2048)."""
+    sd2 = mc.layout_shapes("sd2", "full")
+    assert sd2["cond_stage_model.model.text_projection"] == (1024, 1024)
+    assert sd2["cond_stage_model.model.logit_scale"] == ()
+    assert sd2["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"] == (3072, 1024)
+    assert sd2["alphas_cumprod"] == (1000,)
+    xl = mc.layout_shapes("sdxl", "full")
+    assert xl["conditioner.embedders.0.transformer.text_model.encoder.layers.11.self_attn.q_proj.weight"] == (768, 768)
+    assert "conditioner.embedders.0.transformer.text_projection.weight" not in xl
+    assert xl["conditioner.embedders.1.model.text_projection"] == (1280, 1280)
+    assert xl["conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_fc.weight"] == (5120, 1280)
+    assert xl["model.diffusion_model.label_emb.0.0.weight"] == (1280, 2816)
+    assert xl["model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"] == (1280, 2048)
+    assert not any(k.startswith(("alphas_cumprod", "model_ema", "cond_stage_model")) for k in xl)
+    refiner = mc.layout_shapes("sdxl-refiner", "full")
+    assert refiner["conditioner.embedders.0.model.ln_final.weight"] == (1280,)
+    assert refiner["model.diffusion_model.label_emb.0.0.weight"] == (1536, 2560)
+    assert not any(k.startswith("conditioner.embedders.1.") for k in refiner)
+    assert mc.layout_shapes("instruct-pix2pix", "full")["model.diffusion_model.input_blocks.0.0.weight"] == \
+        (320, 8, 3, 3)
+    assert mc.layout_shapes("sdxl-inpaint", "tiny")["model.diffusion_model.input_blocks.0.0.weight"][1] == 9
+
+
+def test_tiny_sdxl_widths():
+    """Context = CLIP-L width + bigG width; y = pooled projection + 6 numbers x 256 (base) / 5 x 256 (refiner)."""
+    xl = mc.family_config("sdxl", "tiny")
+    assert xl.unet.context_dim == 128 and xl.unet.adm_in_channels == 64 + 6 * 256
+    assert xl.unet.transformer_depth == (0, 2, 2) and xl.unet.transformer_depth_middle == 2
+    refiner = mc.family_config("sdxl-refiner", "tiny")
+    assert refiner.unet.context_dim == 64 and refiner.unet.adm_in_channels == 64 + 5 * 256
+    assert refiner.unet.transformer_depth == (4, 2, 2, 4)  # levels 0 and 3 have no attention: unused entries
+
+
+@pytest.mark.parametrize("family, expected", [("sd2", 0.0), ("sd2-v", -2.0)])
+def test_sd2_files_pass_the_v_probe_as_their_family(family, expected):
+    """calibrate_v_probe shifts the output bias so A1111's probe lands on PROBE_TARGETS (eps >= -1 > v)."""
+    from sdcore.checkpoint import v_prediction_probe
+    config = mc.family_config(family, "tiny")
+    sd = mc.make_state_dict(family, "tiny", seed=4)
+    model = UNetModel(config.unet, device="meta")
+    model.load_state_dict(_sub(sd, UNET), strict=True, assign=True)
+    assert v_prediction_probe(model) == pytest.approx(expected, abs=1e-4)

@@ -1,9 +1,9 @@
 """`sdcore img2img | inpaint | txt2img | info | samplers`: a thin command line over the Python API.
 
 Every processing flag sets one field of `StableDiffusionProcessingImg2Img` (`...Txt2Img` for txt2img) or of its
-`opts: Options`, under the A1111 name with dashes (`--denoising-strength` -> `denoising_strength`, `--clip-skip` -> `CLIP_stop_at_last_layers`);
-`FLAGS` is the table. A value comes from, in increasing priority: the field's default (the A1111 UI default where
-spec 1 gives one), `--from-infotext FILE`, the command line.
+`opts: Options`, under the A1111 name with dashes (`--denoising-strength` -> `denoising_strength`; one exception,
+`--clip-skip` -> `CLIP_stop_at_last_layers`); `FLAGS` is the table. A value comes from, in increasing priority:
+the field's default (the A1111 UI default where spec 1 gives one), `--from-infotext FILE`, the command line.
 
 Bad input exits with status 2 and one line naming the argument, before anything is written (no output directory
 is created). `--explain` runs the whole job with stand-ins for the UNet and VAE that only record what they are
@@ -234,12 +234,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("cfg_scale", float, "classifier-free guidance scale", infotext="CFG scale"),
     Flag("batch_size", int, "images per sampling batch", check=_between(1, 1024)),
     Flag("n_iter", int, "number of batches", check=_between(1, 10000)),
-    Flag("width", int, "processing width in pixels (multiple of 8); default: the model's native size", default=None,
+    Flag("width", int, "processing width in pixels, a multiple of 8 (sdcore's UNet needs a multiple of its "
+         "downsampling: 64 for SD1, checked before running); default: the model's native size", default=None,
          check=_size, infotext="Size-1"),
-    Flag("height", int, "processing height in pixels (multiple of 8); default: the model's native size",
+    Flag("height", int, "processing height in pixels (as --width); default: the model's native size",
          default=None, check=_size, infotext="Size-2"),
     Flag("eta", float, "noise multiplier of ancestral / SDE / DDIM steps; default: --eta-ancestral (k-diffusion) "
-         "or --eta-ddim", check=NON_NEGATIVE, infotext="Eta"),
+         "or --eta-ddim", check=NON_NEGATIVE),
     Flag("s_churn", float, "Karras churn of Euler / Heun / DPM2 (default: 0)", check=NON_NEGATIVE,
          infotext="Sigma churn"),
     Flag("s_tmin", float, "churn only at sigma >= s-tmin (default: 0)", check=NON_NEGATIVE, infotext="Sigma tmin"),
@@ -256,7 +257,8 @@ FLAGS: tuple[Flag, ...] = (
          check=_one_of(0, 1, 2, 3)),
     Flag("mask", Path, "mask image, same size as the init image: white (255) = regenerate, black = keep; an RGBA "
          "mask with transparency uses its alpha"),
-    Flag("mask_blur", int, "Gaussian blur sigma of the mask in pixels, both axes (sets --mask-blur-x and -y)",
+    Flag("mask_blur", int, "Gaussian blur sigma of the mask in pixels for both axes; sets --mask-blur-x and -y "
+         "(default: unset, they keep their own defaults)",
          check=_between(0, 1024)),
     Flag("mask_blur_x", int, "mask blur along x, pixels", check=_between(0, 1024)),
     Flag("mask_blur_y", int, "mask blur along y, pixels", check=_between(0, 1024)),
@@ -306,7 +308,7 @@ FLAGS: tuple[Flag, ...] = (
          infotext="ENSD"),
     Flag("opts.randn_source", str, "noise generator: CPU (torch CPU), GPU (torch on the model's device), NV "
          "(Philox, CUDA's stream on any device)", check=_randn_source, infotext="RNG"),
-    Flag("opts.eta_ancestral", float, "default eta of k-diffusion samplers", check=NON_NEGATIVE),
+    Flag("opts.eta_ancestral", float, "default eta of k-diffusion samplers", check=NON_NEGATIVE, infotext="Eta"),
     Flag("opts.eta_ddim", float, "default eta of DDIM", check=NON_NEGATIVE, infotext="Eta DDIM"),
     Flag("opts.CLIP_stop_at_last_layers", int, "CLIP skip: use the output of the N-th last text-encoder layer",
          check=_between(1, 12), infotext="Clip skip", name="clip-skip"),
@@ -421,10 +423,9 @@ def _add_processing_flags(ap: argparse.ArgumentParser, command: str) -> None:
     cls = processing_class(command).__name__
     group = ap.add_argument_group(f"processing (one flag per field of {cls} / Options)")
     for flag in processing_flags(command):
-        default = field_default(flag, command)
-        shown = "the model's native size" if default is None and flag.field in ("width", "height") else default
-        kwargs: dict[str, Any] = {"dest": flag.field, "default": argparse.SUPPRESS,
-                                  "help": f"{flag.help} [{flag.field}; default: {shown!r}]"}
+        said = "default" in flag.help  # the help text explains the default itself
+        where = f"[{flag.field}]" if said else f"[{flag.field}; default: {field_default(flag, command)!r}]"
+        kwargs: dict[str, Any] = {"dest": flag.field, "default": argparse.SUPPRESS, "help": f"{flag.help} {where}"}
         if flag.kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif flag.kind is float:
@@ -436,6 +437,8 @@ def _add_processing_flags(ap: argparse.ArgumentParser, command: str) -> None:
         elif flag.kind is Path:
             kwargs["type"] = Path
             kwargs["metavar"] = "FILE"
+        else:
+            kwargs["metavar"] = "TEXT" if flag.check is None else "NAME"
         group.add_argument(flag.flag, *flag.aliases, **kwargs)
 
 
@@ -453,6 +456,9 @@ def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
                     "default: the bundled tiny model")
     ap.add_argument("--outdir", type=Path, default=None, help=f"where PNGs are written, A1111 names "
                     f"(<outdir>/<YYYY-MM-DD>/00000-<seed>.png); default {DEFAULT_OUTDIRS[command]}")
+    ap.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file replacing the checkpoint's")
+    ap.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type (SD2-768 "
+                    "models are v; default: NAME.yaml beside the checkpoint, else A1111's probe)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="UNet and text-encoder dtype (the VAE runs in float32)")
@@ -460,8 +466,9 @@ def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
                     "coverage, crop region, seeds) without running the UNet; writes nothing")
     ap.add_argument("--from-infotext", type=Path, metavar="FILE", help="reuse the parameters of a PNG's A1111 "
                     "'parameters' text (or a .txt file holding it); flags given on the command line win")
-    ap.add_argument("--trace", type=Path, metavar="FILE.safetensors", help="record x, denoised, sigma and the step "
-                    "index of every sampler step (scripts/compare_traces.py compares two); never overwrites")
+    ap.add_argument("--trace", type=Path, metavar="FILE.safetensors", help="record sigma, x, denoised and the "
+                    "index of every model call, second-order sub-steps included (scripts/compare_traces.py compares "
+                    "two); never overwrites")
     if command == "txt2img":
         return
     ap.add_argument("--input-dir", type=Path, metavar="DIR", help="batch: every image in DIR (needs --output-dir)")
@@ -472,7 +479,7 @@ def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="sdcore", description="Stable Diffusion img2img and inpainting (A1111 semantics)")
+    ap = _Parser(prog="sdcore", description="Stable Diffusion img2img, inpainting and txt2img (A1111 semantics)")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, what, text in (("img2img", "img2img / inpainting of an image file", IMG2IMG_HELP),
                              ("inpaint", "inpainting: img2img that needs a mask", IMG2IMG_HELP),
@@ -482,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_processing_flags(sp, name)
     info = sub.add_parser("info", help="what a checkpoint is, and why")
     info.add_argument("ckpt", type=Path, nargs="?", default=DEFAULT_CKPT)
+    info.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file")
+    info.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     sub.add_parser("samplers", help="list sampler names, aliases and default schedulers")
     return ap
 
@@ -696,12 +705,12 @@ def batch_tasks(input_dir: Path, mask_dir: Path | None, output_dir: Path | None,
 # img2img
 
 
-def _load_model(path: Path, device: str, dtype: str):
+def _load_model(path: Path, device: str, dtype: str, vae: Path | None = None, prediction: str | None = None):
     import torch
 
     from .checkpoint import load_checkpoint
 
-    return load_checkpoint(path, device=device, dtype=getattr(torch, dtype))
+    return load_checkpoint(path, device=device, dtype=getattr(torch, dtype), vae=vae, prediction=prediction)
 
 
 def make_processing(sd, values: dict[str, Any], command: str, init=None, mask=None, latent_mask=None,
@@ -800,7 +809,7 @@ def run_generate(args) -> int:
     if unused:
         print(f"sdcore: note: infotext keys not used: {', '.join(unused)}", file=sys.stderr)
 
-    sd = _load_model(args.ckpt, args.device, args.dtype)
+    sd = _load_model(args.ckpt, args.device, args.dtype, args.vae, args.prediction)
     outdir = None if batch else (args.outdir or DEFAULT_OUTDIRS[args.command])
     # Everything that can be checked is checked for every task before the first file is written.
     for task in todo:
@@ -826,7 +835,7 @@ def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path 
         from .sampling.samplers import TraceRecorder
 
         recorder = TraceRecorder()
-    processed = process_images(p, callback=recorder, disable_progress=None)
+    processed = process_images(p, model_callback=recorder, disable_progress=None)
     for path in processed.paths:
         print(path)
     if task.batch:
@@ -837,7 +846,8 @@ def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path 
             write_new_file(path, _save_png(image, text))
             print(path)
     if recorder is not None:
-        meta = {"command": command, "sampler": p.sampler.name, "scheduler": str(p.scheduler), "steps": str(p.steps),
+        meta = {"index": "model call", "command": command, "sampler": p.sampler.name, "scheduler": str(p.scheduler),
+                "steps": str(p.steps),
                 "denoising_strength": str(p.denoising_strength), "seeds": json.dumps(processed.seeds),
                 "infotext": processed.infotexts[0], "calls": str(len(recorder.records))}
         write_new_file(trace, lambda tmp: recorder.save(tmp, metadata=meta))
@@ -1049,7 +1059,7 @@ def find_sampler_kind(name: str) -> bool:
 def run_info(args) -> int:
     from .checkpoint import load_checkpoint
 
-    sd = load_checkpoint(args.ckpt)
+    sd = load_checkpoint(args.ckpt, vae=args.vae, prediction=args.prediction)
     print(f"file: {args.ckpt}")
     print(f"family: {sd.family.name} (prediction {sd.family.prediction}, native {sd.family.native_size} px)")
     for r in sd.reasons:

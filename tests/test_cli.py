@@ -294,7 +294,7 @@ def test_infotext_keys_map_back_to_fields():
     assert (values["seed_resize_from_w"], values["seed_resize_from_h"]) == (40, 48)
     assert (values["width"], values["height"], values["opts.CLIP_stop_at_last_layers"]) == (64, 72, 2)
     assert (values["opts.eta_noise_seed_delta"], values["opts.randn_source"]) == (31337, "NV")
-    assert (values["inpainting_mask_invert"], values["inpainting_fill"], values["eta"]) == (1, 2, 0.5)
+    assert (values["inpainting_mask_invert"], values["inpainting_fill"], values["opts.eta_ancestral"]) == (1, 2, 0.5)
     assert (values["s_churn"], values["initial_noise_multiplier"], values["opts.img2img_extra_noise"]) == \
         (0.1, 0.9, 0.1)
     assert (values["opts.inpainting_mask_weight"], values["opts.emphasis"]) == (0.5, "No norm")
@@ -434,20 +434,27 @@ def test_batch_problems_exit_2_before_any_output(capsys, batch, sd1_tiny_path, c
 
 # -- --trace ---------------------------------------------------------------------------------------------------------
 
-def test_trace_records_every_step_and_is_never_overwritten(capsys, files, sd1_tiny_path, sd1_tiny, tmp_path):
+@pytest.mark.parametrize("sampler, calls", [("Euler", 3), ("Heun", 5)])
+def test_trace_records_every_model_call_and_is_never_overwritten(capsys, files, sd1_tiny_path, sd1_tiny, tmp_path,
+                                                                  sampler, calls):
+    """Spec 6.2: int(0.5 * 4) = 2 -> 3 steps; Heun calls the model twice per step except into sigma 0 (5 calls).
+    The trace's sigmas are the plan's model-call sigmas."""
     from sdcore.sampling.samplers import load_trace
 
     trace = tmp_path / "t.safetensors"
-    argv = ["img2img", files / "init.png", "--ckpt", sd1_tiny_path, "--sampler", "Euler", "--steps", 4,
-            "--denoising-strength", 0.5, "--seed", 2, *SMALL, "--trace", trace]
+    common = ["--sampler", sampler, "--steps", 4, "--denoising-strength", 0.5, "--seed", 2, *SMALL]
+    argv = ["img2img", files / "init.png", "--ckpt", sd1_tiny_path, *common, "--trace", trace]
     code, out, err = run(capsys, *argv, "--outdir", tmp_path / "out")
-    assert code == 0, err and str(trace) in out
+    assert code == 0 and str(trace) in out, err
     records = load_trace(trace)
-    plan = plan_for(sd1_tiny, files / "init.png", "--sampler", "Euler", "--steps", 4, "--denoising-strength", 0.5,
-                    "--seed", 2, *SMALL)
-    assert len(records) == plan.t_enc + 1 == 3  # spec 6.2: int(0.5 * 4) = 2 -> 3 steps
-    assert [int(r["i"]) for r in records] == [0, 1, 2]
-    assert torch.allclose(torch.stack([r["sigma"].float().reshape(()) for r in records]), plan.sigma_sched[:-1])
+    plan = plan_for(sd1_tiny, files / "init.png", *common)
+    assert len(records) == len(plan.unet_calls) == calls
+    assert [int(r["i"]) for r in records] == list(range(calls))
+    schedule = plan.p.denoiser_schedule()
+    planned = schedule.t_to_sigma(torch.tensor([t for _, t in plan.unet_calls]))
+    traced = torch.stack([r["sigma"].float().reshape(()) for r in records])
+    assert torch.allclose(traced, planned, rtol=1e-4)
+    assert float(traced[0]) == pytest.approx(float(plan.sigma_sched[0]))
     assert records[0]["x"].shape == records[0]["denoised"].shape == (1, 4, 8, 8)
     before = trace.read_bytes()
     code, _, err = run(capsys, *argv, "--outdir", tmp_path / "again")
@@ -497,8 +504,8 @@ def test_txt2img_hires_run_reproduces_from_its_infotext(capsys, sd1_tiny_path, t
 
 def test_txt2img_infotext_hires_keys():
     text = ("a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.4, "
-            "Hires resize: 1024x768, Hires steps: 5, Hires upscaler: Latent (nearest), Hires sampler: Use same sampler, "
-            "Hires prompt: b, Mask blur: 4")
+            "Hires resize: 1024x768, Hires steps: 5, Hires upscaler: Latent (nearest), "
+            "Hires sampler: Use same sampler, Hires prompt: b, Mask blur: 4")
     values, unused = values_from_infotext(text, processing_flags("txt2img"))
     assert values["enable_hr"] is True and values["denoising_strength"] == 0.4
     assert (values["hr_resize_x"], values["hr_resize_y"], values["hr_second_pass_steps"]) == (1024, 768, 5)

@@ -738,6 +738,9 @@ def _check_run_args(args, values: dict[str, Any]) -> None:
             raise UsageError(f"--trace: {args.trace} exists; traces are never overwritten")
         if not args.trace.parent.is_dir():
             raise UsageError(f"--trace: folder {args.trace.parent} does not exist")
+    for flag, folder in (("--outdir", args.outdir), ("--output-dir", getattr(args, "output_dir", None))):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise UsageError(f"{flag}: {folder} exists and is not a folder")
     if args.command == "txt2img":
         return
     batch = args.input_dir is not None
@@ -1091,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
            "samplers": run_samplers}[args.command]
     try:
         return run(args)
-    except (ValueError, TypeError, NotImplementedError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, NotImplementedError, CheckpointError, OSError) as e:
         message = " ".join(str(e).split("\n"))
         print(f"sdcore: error: {message}", file=sys.stderr)
         return 2

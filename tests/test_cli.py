@@ -19,6 +19,7 @@ from sdcore import cli
 from sdcore.cli import (FIELDS_WITHOUT_FLAG, FLAGS, Task, build_parser, dry_run, main, make_processing,
                         processing_flags, resolve_values, values_from_infotext, write_new_file)
 from sdcore.processing import Options, StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
+from sdcore.sampling.samplers import SAMPLERS
 
 _cached_load = functools.lru_cache(maxsize=4)(cli._load_model)
 
@@ -204,6 +205,21 @@ def test_explain_steps_sigmas_and_calls(sd1_tiny, files, sampler, steps, strengt
     if first_sigma is not None:
         assert float(plan.sigma_sched[0]) == pytest.approx(first_sigma, rel=1e-4)
     assert len(plan.unet_calls) == calls and all(rows == 2 for rows, _ in plan.unet_calls)
+
+
+@pytest.mark.parametrize("name", [s.name for s in SAMPLERS])
+def test_explain_runs_every_sampler(sd1_tiny, files, name):
+    """The dry run goes through every sampler's real code. k-diffusion samplers make one call per step of the
+    t_enc + 1 = 8 steps (10 steps at 0.75, spec 6.2); second-order ones two, except into sigma 0 (spec 10.1);
+    DDIM skips the grid's first entry (spec 6.4): t_enc - 1 calls. DPM adaptive's count depends on the model."""
+    info = next(s for s in SAMPLERS if s.name == name)
+    plan = plan_for(sd1_tiny, files / "init.png", "--sampler", name, "--steps", 10, "--seed", 1, *SMALL)
+    calls = len(plan.unet_calls)
+    assert plan.t_enc == 7 and calls > 0
+    if info.kind == "kdiffusion" and name != "DPM adaptive":
+        assert calls == (2 * 8 - 1 if info.second_order else 8)
+    elif name.startswith("DDIM"):
+        assert calls == 6
 
 
 def test_explain_ddim_walks_the_timestep_grid(sd1_tiny, files):
@@ -576,6 +592,7 @@ def test_txt2img_bad_values_exit_2(capsys, sd1_tiny_path, tmp_path, extra, arg):
     (["--trace", "{files}/trace.pt"], "--trace"),
     (["--output-dir", "{files}/out"], "--output-dir"),
     (["--input-dir", "{files}"], "init"),
+    (["--outdir", "{files}/notes.txt"], "--outdir"),
 ])
 def test_bad_values_exit_2_naming_the_argument_and_write_nothing(capsys, files, sd1_tiny_path, tmp_path, extra,
                                                                   arg):

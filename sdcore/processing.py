@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from . import images, infotext, rng
 from .checkpoint import StableDiffusionModel
 from .sampling import schedules
-from .sampling.denoisers import CFGDenoiser, CompVisDenoiser, with_call_index
+from .sampling.denoisers import CFGDenoiser, CompVisDenoiser, LCMCompVisDenoiser, with_call_index
 from .sampling.samplers import SamplerInfo, find_sampler
 
 VERSION = infotext.VERSION
@@ -318,9 +318,18 @@ class StableDiffusionProcessing:
                                     is_sdxl=sd.family.name.startswith("sdxl"))
 
     def denoiser_schedule(self):
-        from .sampling.denoisers import DiscreteSchedule
+        """The model wrapper whose sigma table the schedulers read (LCM has its own 50-level table)."""
+        return self.make_inner_denoiser()
 
-        return DiscreteSchedule(self.sd_model.alphas_cumprod)
+    def make_inner_denoiser(self) -> CompVisDenoiser:
+        """k-diffusion model wrapper: eps/v CompVisDenoiser, or A1111's LCM denoiser for the "LCM" sampler."""
+        sd = self.sd_model
+        alphas = sd.alphas_cumprod.to(sd.device)
+        if self.sampler.denoiser == "lcm":
+            if sd.family.prediction != "eps":
+                raise NotImplementedError("the LCM sampler supports eps-prediction models only")
+            return LCMCompVisDenoiser(sd.apply_model, alphas)
+        return CompVisDenoiser(sd.apply_model, alphas, prediction=sd.family.prediction)
 
     def noise_sampler(self, x: torch.Tensor, sigmas: torch.Tensor, noise: rng.ImageRNG, seeds: list[int]):
         """Per-step noise: the image RNG's next draw (A1111's randn_like proxy), or a per-image Brownian tree."""
@@ -382,7 +391,7 @@ class StableDiffusionProcessing:
         """Run the k-diffusion function over `sigma_sched` from `x` with CFG and the mask blend."""
         info, sd = self.sampler, self.sd_model
         self.record_schedule_type()
-        inner = CompVisDenoiser(sd.apply_model, sd.alphas_cumprod.to(sd.device), prediction=sd.family.prediction)
+        inner = self.make_inner_denoiser()
         cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
                           image_cfg_scale=getattr(self, "image_cfg_scale", None),
                           is_edit_model=sd.family.conditioning == "edit")

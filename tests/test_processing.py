@@ -145,7 +145,7 @@ def test_unimplemented_field_raises(sd1_tiny, photo):
 
 @pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a",
                                      "DPM++ 3M SDE", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast",
-                                     "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC"])
+                                     "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC", "LCM"])
 def test_every_sampler_runs_img2img_and_keeps_unmasked_latents(sd1_tiny, photo, sampler):
     p = job(sd1_tiny, photo, sampler_name=sampler, steps=4, mask=rect_mask(photo.size, (16, 16, 48, 48)),
             mask_blur=0, inpaint_full_res=False)

@@ -189,6 +189,56 @@ class CompVisDenoiser(DiscreteSchedule):
     __call__ = forward
 
 
+class LCMCompVisDenoiser(CompVisDenoiser):
+    """The denoiser A1111 uses for its "LCM" sampler (`modules/sd_samplers_lcm.py` `LCMCompVisDenoiser`).
+
+    Latent Consistency Models (Luo et al. 2023) are distilled on `original_timesteps` = 50 of the 1000 DDPM steps,
+    every `skip = 1000 // 50 = 20`-th one ending at 999: their schedule is `alphas_cumprod[skip-1::skip]` (50 values).
+    - `sigma_to_t`: the nearest of those 50 levels (quantised), as a DDPM timestep `index * skip + skip - 1`.
+    - `t_to_sigma(t)`: interpolation on the 50-level table at `clamp((t - (skip - 1)) / skip, 0, 49)`.
+    - `get_sigmas(n)` ("uniform" for LCM): `t_to_sigma(linspace(t(sigma_max), t(sigma_min), n))` + [0].
+    - `forward`: the eps estimate `d = x - sigma * eps(x * c_in, t)` passed through the consistency-model boundary
+      condition with sigma_data = 0.5 and a timestep scaled by 10: `c_skip = 0.25 / (s^2 + 0.25)`,
+      `c_out = s / sqrt(s^2 + 0.25)`, `s = 10 t`, `out = c_out * d + c_skip * x` (Song et al. 2023, eq. 7).
+    eps-prediction models only.
+    """
+
+    def __init__(self, apply_model: Callable[..., Tensor], alphas_cumprod: Tensor, original_timesteps: int = 50):
+        full = _as_alphas_cumprod(alphas_cumprod)
+        self.skip = full.shape[0] // original_timesteps
+        super().__init__(apply_model, full[self.skip - 1::self.skip], prediction="eps", quantize=True)
+
+    def sigma_to_t(self, sigma: Tensor, quantize: bool | None = None) -> Tensor:
+        return super().sigma_to_t(sigma, quantize=True) * self.skip + (self.skip - 1)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=self.sigmas.device).float()
+        index = ((t - (self.skip - 1)) / self.skip).clamp(0, self.sigmas.shape[0] - 1)
+        return super().t_to_sigma(index)
+
+    def get_sigmas(self, n: int | None = None) -> Tensor:
+        if n is None:
+            return torch.cat([self.sigmas.flip(0), self.sigmas.new_zeros([1])])
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        t = torch.linspace(float(self.sigma_to_t(self.sigma_max)), float(self.sigma_to_t(self.sigma_min)), n,
+                           device=self.sigmas.device)
+        return torch.cat([self.t_to_sigma(t), self.sigmas.new_zeros([1])])
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+            raise ValueError(f"sigma must have shape [B]=[{x.shape[0]}], got {tuple(sigma.shape)}")
+        t = self.sigma_to_t(sigma)
+        c_in = _append_dims(1 / (sigma ** 2 + 1) ** 0.5, x.ndim)
+        d = x - _append_dims(sigma, x.ndim) * self.apply_model(x * c_in, t, **cond)
+        s = _append_dims(t.to(x.dtype) * 10.0, x.ndim)
+        c_skip = 0.25 / (s ** 2 + 0.25)
+        c_out = s / (s ** 2 + 0.25) ** 0.5
+        return c_out * d + c_skip * x
+
+    __call__ = forward
+
+
 def blend_denoised(current: Tensor, init_latent: Tensor, mask: Tensor, nmask: Tensor) -> Tensor:
     """A1111's inpainting blend: `current * nmask + init_latent * mask` (new tensor, inputs unchanged).
 
@@ -465,7 +515,7 @@ def with_call_index(denoiser: Callable[..., Tensor], total_steps: int | None = N
     return call
 
 
-__all__ = ["sd_alphas_cumprod", "DiscreteSchedule", "CompVisDenoiser", "CFGDenoiser", "blend_denoised",
+__all__ = ["sd_alphas_cumprod", "DiscreteSchedule", "CompVisDenoiser", "LCMCompVisDenoiser", "CFGDenoiser", "blend_denoised",
            "combine_denoised", "combine_denoised_for_edit_model", "pad_cond_uncond", "pad_cond_uncond_v0",
            "with_call_index"]
 

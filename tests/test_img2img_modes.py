@@ -190,3 +190,11 @@ def test_batch_image_equals_same_seed_alone(sd1_tiny, photo, sampler):
     alone = process_images(job(sd1_tiny, photo, seed=502, **kw))
     diff = np.abs(np.asarray(batch.images[2], np.int16) - np.asarray(alone.images[0], np.int16))
     assert diff.max() <= 1
+
+
+def test_seed_resize_from(sd1_tiny, photo):
+    # spec 8.2: noise drawn at 32x32 px (4x4 latent cells) for the seed, centre-pasted into the 8x8 draw
+    plain = process_images(job(sd1_tiny, photo))
+    resized = process_images(job(sd1_tiny, photo, seed_resize_from_w=32, seed_resize_from_h=32))
+    assert "Seed resize from: 32x32" in resized.info
+    assert np.abs(np.asarray(plain.images[0], np.int16) - np.asarray(resized.images[0], np.int16)).mean() > 0.5

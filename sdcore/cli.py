@@ -564,10 +564,6 @@ def values_from_infotext(text: str, flags: tuple[Flag, ...], source: str = "--fr
     return values, unused
 
 
-def _flag(flags: tuple[Flag, ...], field: str) -> Flag:
-    return next(f for f in flags if f.field == field)
-
-
 def _parse_infotext_value(flag: Flag, key: str, raw: str, source: str) -> Any:
     try:
         value = flag.parse(raw)
@@ -702,7 +698,7 @@ def batch_tasks(input_dir: Path, mask_dir: Path | None, output_dir: Path | None,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# img2img
+# Running jobs
 
 
 def _load_model(path: Path, device: str, dtype: str, vae: Path | None = None, prediction: str | None = None):
@@ -844,9 +840,11 @@ def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path 
     if task.batch:
         task.outputs[0].parent.mkdir(parents=True, exist_ok=True)
         for path, image, text in zip(task.outputs, processed.images, processed.infotexts):
-            if path.exists():
+            try:
+                write_new_file(path, _save_png(image, text))
+            except FileExistsError:  # written meanwhile (another run on the same folders): keep it
+                print(f"skip: {path} exists", file=sys.stderr)
                 continue
-            write_new_file(path, _save_png(image, text))
             print(path)
     if recorder is not None:
         meta = {"index": "model call", "command": command, "sampler": p.sampler.name, "scheduler": str(p.scheduler),

@@ -285,21 +285,33 @@ class StableDiffusionProcessing:
 
     # -- sampler ------------------------------------------------------------------------------------------------
 
+    CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+    CHURN_LABELS = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+
     def sampler_kwargs(self, function) -> dict[str, Any]:
-        """Keyword options A1111 passes to a k-diffusion function, taken from p or the options (spec 6.5)."""
+        """Keyword options A1111 passes to a k-diffusion function, taken from p or the options (spec 6.5).
+
+        eta: p.eta, else opts.eta_ancestral (infotext "Eta" when != 1). s_churn/s_tmin/s_tmax/s_noise: p's value,
+        else the option; A1111's quirk kept: an option that differs from the sampler default (0, 0, inf, 1) wins
+        over p's value and is written to the infotext ("Sigma churn", ...).
+        """
         params = inspect.signature(function).parameters
         kw = {}
         if "eta" in params:
             kw["eta"] = self.eta if self.eta is not None else self.opts.eta_ancestral
+            if kw["eta"] != 1.0:
+                self.extra_generation_params["Eta"] = kw["eta"]
         for name in self.sampler.extra_params:
             if name == "eta":
                 continue
+            option = getattr(self.opts, name)
+            if name == "s_tmax" and option == 0:
+                option = float("inf")
             value = getattr(self, name)
-            if value is None:
-                value = getattr(self.opts, name)
-                if name == "s_tmax" and value == 0:
-                    value = float("inf")
-            kw[name] = value
+            if option != self.CHURN_DEFAULTS.get(name, option):
+                value = option
+                self.extra_generation_params[self.CHURN_LABELS[name]] = option
+            kw[name] = option if value is None else value
         if self.sampler.solver_type and "solver_type" in params:
             kw["solver_type"] = self.sampler.solver_type
         return kw
@@ -437,6 +449,8 @@ class StableDiffusionProcessing:
         kw = {}
         if "eta" in params:
             kw["eta"] = self.eta if self.eta is not None else self.opts.eta_ddim
+            if kw["eta"] != 0.0:
+                self.extra_generation_params["Eta DDIM"] = kw["eta"]
             kw["noise_sampler"] = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)
         if "is_img2img" in params:
             kw["is_img2img"] = is_img2img

@@ -198,3 +198,17 @@ def test_seed_resize_from(sd1_tiny, photo):
     resized = process_images(job(sd1_tiny, photo, seed_resize_from_w=32, seed_resize_from_h=32))
     assert "Seed resize from: 32x32" in resized.info
     assert np.abs(np.asarray(plain.images[0], np.int16) - np.asarray(resized.images[0], np.int16)).mean() > 0.5
+
+
+def test_eta_and_churn_options_follow_a1111(sd1_tiny, photo):
+    # spec 6.5: "Eta" in the infotext when != 1 (k-diffusion); an option s_churn that differs from the default 0
+    # overrides p.s_churn and is written as "Sigma churn"; "Eta DDIM" when != 0.
+    p = job(sd1_tiny, photo, sampler_name="Euler a", eta=0.5)
+    assert "Eta: 0.5" in process_images(p).info
+    p = job(sd1_tiny, photo, sampler_name="Euler", s_churn=0.3, opts=Options(s_churn=0.7))
+    assert p.sampler_kwargs is not None
+    info = process_images(p).info
+    assert "Sigma churn: 0.7" in info
+    assert p.sampler_kwargs(p.sampler.function)["s_churn"] == 0.7
+    p = job(sd1_tiny, photo, sampler_name="DDIM", eta=0.3)
+    assert "Eta DDIM: 0.3" in process_images(p).info

@@ -180,14 +180,19 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
         _report(callback, x, i, sigmas[i], sigma_hat, denoised)
-        dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
-            x = x + (d + d_2) / 2 * dt
+        x = _heun_step(model, x, d, sigma_hat, sigmas[i + 1], s_in, extra_args)
     return x
+
+
+def _heun_step(model, x, d, sigma, sigma_next, s_in, extra_args):
+    """One Heun step sigma -> sigma_next given d = dx/dsigma at (x, sigma) (Karras et al. 2022, Algorithm 2 lines
+    7-11): predictor x_2 = x + d dt, corrector x + (d + d(x_2, sigma_next)) / 2 dt; Euler when sigma_next = 0."""
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+        return x + d * dt
+    x_2 = x + d * dt
+    d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next * s_in, **extra_args))
+    return x + (d + d_2) / 2 * dt
 
 
 @torch.no_grad()
@@ -508,7 +513,8 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
             t, t_next = _t(sigmas[i]), _t(sigma_down)
             h = t_next - t
             s = t + h / 2
-            # first-order step to the midpoint s, then the full step with D evaluated there
+            # DPM-Solver++(2S), r = 1/2: the first-order step (block comment above) to s = t + h/2 gives x_2; the
+            # full step then uses D(x_2, sigma(s)), which is second-order accurate at the midpoint.
             x_2 = (_sigma(s) / _sigma(t)) * x - (-h / 2).expm1() * denoised
             denoised_2 = model(x_2, _sigma(s) * s_in, **extra_args)
             x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
@@ -577,6 +583,13 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
+def _sde_noise(x, sigma, sigma_next, eta_h, s_noise, noise_sampler, sampler):
+    """Add the DPM-Solver++ SDE noise term sigma_next sqrt(1 - e^(-2 eta h)) s_noise z (block comment above);
+    eta_h = eta * h, h = t_next - t > 0."""
+    return _add_noise(x, sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise, noise_sampler, sigma, sigma_next,
+                      sampler)
+
+
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
                         eta=1.0, s_noise=1.0, solver_type="midpoint"):
@@ -606,9 +619,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                     x = x + (one_minus_exp / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
                 else:
                     x = x + 0.5 * one_minus_exp * (1 / r) * (denoised - old_denoised)
-            if eta:  # SDE noise sigma_{i+1} sqrt(1 - e^(-2 eta h)) z
-                x = _add_noise(x, sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise, noise_sampler,
-                               sigmas[i], sigmas[i + 1], "sample_dpmpp_2m_sde")
+            if eta:
+                x = _sde_noise(x, sigmas[i], sigmas[i + 1], eta_h, s_noise, noise_sampler, "sample_dpmpp_2m_sde")
             h_last = h
         old_denoised = denoised
     return x
@@ -646,8 +658,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
             elif h_1 is not None:
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
-                x = _add_noise(x, sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise, noise_sampler,
-                               sigmas[i], sigmas[i + 1], "sample_dpmpp_3m_sde")
+                x = _sde_noise(x, sigmas[i], sigmas[i + 1], h * eta, s_noise, noise_sampler, "sample_dpmpp_3m_sde")
             h_1, h_2 = h, h_1
         denoised_1, denoised_2 = denoised, denoised_1
     return x
@@ -723,13 +734,7 @@ def restart_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
         denoised = model(x, old_sigma * s_in, **extra_args)
         d = to_d(x, old_sigma, denoised)
         _report(callback, x, step_id, new_sigma, old_sigma, denoised)
-        dt = new_sigma - old_sigma
-        if new_sigma == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = to_d(x_2, new_sigma, model(x_2, new_sigma * s_in, **extra_args))
-            x = x + (d + d_2) / 2 * dt
+        x = _heun_step(model, x, d, old_sigma, new_sigma, s_in, extra_args)
         last_sigma = new_sigma
     return x
 

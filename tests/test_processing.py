@@ -238,3 +238,8 @@ def test_model_callback_sees_every_model_call(sd1_tiny, photo):
                    callback=lambda d: steps.append(d["i"]), model_callback=calls)
     assert len(steps) == 6 and len(calls.records) == 11
     assert [int(r["i"]) for r in calls.records] == list(range(11))
+
+
+def test_any_multiple_of_8_pixels_runs(sd1_tiny, photo):
+    # 72x48 px -> 9x6 latent cells, not divisible by the UNet's 8x downsampling: runs as in A1111
+    assert process_images(job(sd1_tiny, photo, width=72, height=48, steps=2)).images[0].size == (72, 48)

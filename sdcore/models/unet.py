@@ -365,8 +365,8 @@ class UNetModel(nn.Module):
 
         Args:
             x: [B, in_channels, h, w] latents (with c_in scaling already applied by the denoiser; inpainting
-                models get the 5 extra c_concat channels concatenated here). h and w must be divisible by
-                2 ** (levels - 1) so skip connections line up.
+                models get the 5 extra c_concat channels concatenated here). Any h, w >= 1; when they are not
+                divisible by 2 ** (levels - 1) the upsampled features are resized to the skip connections.
             timesteps: [B] timesteps, float (continuous t in [0, 999]) or int.
             context: [B, T, context_dim] cross-attention conditioning.
             y: [B, adm_in_channels] SDXL vector conditioning; required iff config.adm_in_channels > 0.
@@ -378,9 +378,6 @@ class UNetModel(nn.Module):
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be [B, {cfg.in_channels}, h, w], got {tuple(x.shape)}")
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"x spatial size {tuple(x.shape[2:])} must be divisible by {factor}")
         if timesteps.shape != (x.shape[0],):
             raise ValueError(f"timesteps must have shape [{x.shape[0]}], got {tuple(timesteps.shape)}")
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
@@ -403,5 +400,10 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            skip = skips.pop()
+            if h.shape[-2:] != skip.shape[-2:]:
+                # Latent sides not divisible by 2**(levels-1): Downsample rounds up, Upsample doubles, so resize
+                # to the skip's size as A1111 does (modules/sd_hijack_unet.py, cat), letting any multiple of 8 px run.
+                h = F.interpolate(h, skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h).to(x.dtype)

@@ -716,8 +716,9 @@ def _stack_padded(tensors: Sequence[Cond]) -> Cond:
 
 
 def reconstruct_cond_batch(c: Sequence[Sequence[ScheduledPromptConditioning]], step: int) -> Cond:
-    """Conditioning [B, T, C] (dict conds: {"c_crossattn": [B, T, C], "y": [B, adm]}) for 0-based model call `step`: per prompt the first schedule entry with
-    step <= end_at_step (spec 11.3; so with [a|b] calls 0 and 1 both use a). For the uncond (no AND)."""
+    """Conditioning [B, T, C] (dict conds: {"c_crossattn": [B, T, C], "y": [B, adm]}) for 0-based model call
+    `step`: per prompt the first schedule entry with step <= end_at_step (spec 11.3; so with [a|b] calls 0 and 1
+    both use a). For the uncond (no AND)."""
     return _stack_padded([_entry_at(schedules, step) for schedules in c])
 
 
@@ -727,7 +728,8 @@ def reconstruct_multicond_batch(c: MulticondLearnedConditioning, step: int
 
     tensor: [N, T, C], one row per AND part of every image, in order; parts with fewer tokens are padded by
     repeating their last vector (dict conds: a dict with "c_crossattn" so and "y" [N, adm]).
-    conds_list[i] = [(row in tensor, weight), ...] for image i, as used by the CFG sum `out_i = uncond_i + sum_k (x_out[row_k] - uncond_i) * weight_k * cond_scale` (spec 7 step 8).
+    conds_list[i] = [(row in tensor, weight), ...] for image i, as used by the CFG sum
+    `out_i = uncond_i + sum_k (x_out[row_k] - uncond_i) * weight_k * cond_scale` (spec 7 step 8).
     """
     tensors: list[Cond] = []
     conds_list = []

@@ -1,6 +1,7 @@
 """A1111's LCM denoiser (modules/sd_samplers_lcm.py): 50-level table, quantised timesteps, boundary condition."""
 import math
 
+import pytest
 import torch
 
 from sdcore.sampling.denoisers import LCMCompVisDenoiser, sd_alphas_cumprod
@@ -31,3 +32,14 @@ def test_lcm_schedule_and_scalings_hand_derived():
     s = den.sigma_max.reshape(1)
     c_skip, c_out = 0.25 / (9990 ** 2 + 0.25), 9990 / math.sqrt(9990 ** 2 + 0.25)
     assert torch.allclose(den2(x, s), c_out * (x - s) + c_skip * x, rtol=1e-10)
+
+
+def test_lcm_bad_inputs_raise():
+    abar = sd_alphas_cumprod()
+    for bad in (0, 1, 1001, 2.5, True):
+        with pytest.raises(ValueError, match=r"original_timesteps must be an int in \[2, 1000\]"):
+            LCMCompVisDenoiser(lambda x, t, **c: x, abar, original_timesteps=bad)
+    den = LCMCompVisDenoiser(lambda x, t, **c: x, abar)
+    with pytest.raises(ValueError, match=r"sigma must have shape \[B\]=\[2\]"):
+        den(torch.zeros(2, 4, 2, 2), den.sigma_max.reshape(1))
+    assert torch.equal(den.get_sigmas(), torch.cat([den.sigmas.flip(0), den.sigmas.new_zeros([1])]))

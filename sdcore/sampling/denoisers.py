@@ -51,8 +51,14 @@ def _as_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     if not torch.is_floating_point(alphas_cumprod):
         raise TypeError(f"alphas_cumprod must be floating point, got {alphas_cumprod.dtype}")
     if bool(((alphas_cumprod <= 0) | (alphas_cumprod > 1)).any()):
-        raise ValueError("alphas_cumprod values must lie in (0, 1]")
+        raise ValueError(f"alphas_cumprod values must lie in (0, 1], got min {float(alphas_cumprod.min()):g}, "
+                         f"max {float(alphas_cumprod.max()):g}")
     return alphas_cumprod
+
+
+def _check_sigma(sigma: Tensor, x: Tensor) -> None:
+    if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma must have shape [B]=[{x.shape[0]}], got {tuple(sigma.shape)}")
 
 
 class DiscreteSchedule:
@@ -77,10 +83,12 @@ class DiscreteSchedule:
 
     @property
     def sigma_min(self) -> Tensor:
+        """The smallest discrete noise level, sigmas[0] (0-dim)."""
         return self.sigmas[0]
 
     @property
     def sigma_max(self) -> Tensor:
+        """The largest discrete noise level, sigmas[-1] (0-dim)."""
         return self.sigmas[-1]
 
     def sigma_to_t(self, sigma: Tensor, quantize: bool | None = None) -> Tensor:
@@ -176,9 +184,10 @@ class CompVisDenoiser(DiscreteSchedule):
         return c_skip, c_out, c_in
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        """Denoised estimate of x0 for latents `x` [B,C,h,w] at noise levels `sigma` [B] (> 0); shape of x."""
-        if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
-            raise ValueError(f"sigma must have shape [B]=[{x.shape[0]}], got {tuple(sigma.shape)}")
+        """Denoised estimate of x0 for latents `x` [B,C,h,w] at noise levels `sigma` [B] (> 0); shape of x.
+
+        Raises ValueError unless sigma has shape [B]."""
+        _check_sigma(sigma, x)
         c_skip, c_out, c_in = self.get_scalings(sigma)
         c_out, c_in = _append_dims(c_out, x.ndim), _append_dims(c_in, x.ndim)
         out = self.apply_model(x * c_in, self.sigma_to_t(sigma), **cond)
@@ -200,11 +209,14 @@ class LCMCompVisDenoiser(CompVisDenoiser):
     - `forward`: the eps estimate `d = x - sigma * eps(x * c_in, t)` passed through the consistency-model boundary
       condition with sigma_data = 0.5 and a timestep scaled by 10: `c_skip = 0.25 / (s^2 + 0.25)`,
       `c_out = s / sqrt(s^2 + 0.25)`, `s = 10 t`, `out = c_out * d + c_skip * x` (Song et al. 2023, eq. 7).
-    eps-prediction models only.
+    eps-prediction models only. Raises ValueError unless 2 <= original_timesteps <= len(alphas_cumprod).
     """
 
     def __init__(self, apply_model: Callable[..., Tensor], alphas_cumprod: Tensor, original_timesteps: int = 50):
         full = _as_alphas_cumprod(alphas_cumprod)
+        if isinstance(original_timesteps, bool) or not isinstance(original_timesteps, int) \
+                or not 2 <= original_timesteps <= full.shape[0]:
+            raise ValueError(f"original_timesteps must be an int in [2, {full.shape[0]}], got {original_timesteps!r}")
         self.skip = full.shape[0] // original_timesteps
         super().__init__(apply_model, full[self.skip - 1::self.skip], prediction="eps", quantize=True)
 
@@ -218,7 +230,7 @@ class LCMCompVisDenoiser(CompVisDenoiser):
 
     def get_sigmas(self, n: int | None = None) -> Tensor:
         if n is None:
-            return torch.cat([self.sigmas.flip(0), self.sigmas.new_zeros([1])])
+            return super().get_sigmas()
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         t = torch.linspace(float(self.sigma_to_t(self.sigma_max)), float(self.sigma_to_t(self.sigma_min)), n,
@@ -226,8 +238,8 @@ class LCMCompVisDenoiser(CompVisDenoiser):
         return torch.cat([self.t_to_sigma(t), self.sigmas.new_zeros([1])])
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
-            raise ValueError(f"sigma must have shape [B]=[{x.shape[0]}], got {tuple(sigma.shape)}")
+        """LCM denoised estimate for `x` [B,C,h,w] at `sigma` [B] (class docstring); ValueError unless sigma is [B]."""
+        _check_sigma(sigma, x)
         t = self.sigma_to_t(sigma)
         c_in = _append_dims(1 / (sigma ** 2 + 1) ** 0.5, x.ndim)
         d = x - _append_dims(sigma, x.ndim) * self.apply_model(x * c_in, t, **cond)
@@ -401,8 +413,7 @@ class CFGDenoiser:
         `mask_before_denoising`. Raises ValueError on inconsistent shapes.
         """
         batch = x.shape[0]
-        if sigma.ndim != 1 or sigma.shape[0] != batch:
-            raise ValueError(f"sigma must have shape [B]=[{batch}], got {tuple(sigma.shape)}")
+        _check_sigma(sigma, x)
         cond = dict(cond(step) if callable(cond) else cond)
         uncond = dict(uncond(step) if callable(uncond) else uncond)
         if "c_crossattn" not in cond or "c_crossattn" not in uncond:
@@ -515,7 +526,7 @@ def with_call_index(denoiser: Callable[..., Tensor], total_steps: int | None = N
     return call
 
 
-__all__ = ["sd_alphas_cumprod", "DiscreteSchedule", "CompVisDenoiser", "LCMCompVisDenoiser", "CFGDenoiser", "blend_denoised",
-           "combine_denoised", "combine_denoised_for_edit_model", "pad_cond_uncond", "pad_cond_uncond_v0",
+__all__ = ["sd_alphas_cumprod", "DiscreteSchedule", "CompVisDenoiser", "LCMCompVisDenoiser", "CFGDenoiser",
+           "blend_denoised", "combine_denoised", "combine_denoised_for_edit_model", "pad_cond_uncond", "pad_cond_uncond_v0",
            "with_call_index"]
 

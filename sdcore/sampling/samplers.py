@@ -18,8 +18,8 @@ Every sampler has k-diffusion's contract (STYLE.md 5):
 - Returns x at sigmas[-1] (the sample when that is 0).
 
 Glossary: B batch size; sigma noise level; t = -log(sigma), DPM-Solver's time variable lambda = log(alpha/sigma)
-(half the log-SNR) with alpha = 1; h = t_next - t the step in t; D = denoised; d = (x - D) / sigma the probability-flow ODE derivative
-dx/dsigma (Karras et al. 2022, eq. 3 with sigma(t) = t).
+(half the log-SNR) with alpha = 1; h = t_next - t the step in t; D = denoised; d = (x - D) / sigma the
+probability-flow ODE derivative dx/dsigma (Karras et al. 2022, eq. 3 with sigma(t) = t).
 
 Papers: Karras et al. 2022 "Elucidating the Design Space of Diffusion-Based Generative Models" (arXiv:2206.00364);
 Lu et al. 2022 "DPM-Solver" (arXiv:2206.00927) and "DPM-Solver++" (arXiv:2211.01095); Xu et al. 2023 "Restart

@@ -112,7 +112,7 @@ def _ve_sigma(a: float) -> Tensor:
 def _ddim_update(x: Tensor, e_t: Tensor, e_dir: Tensor, a_t: float, a_prev: float, eta: float,
                  noise_sampler: NoiseSampler | None) -> tuple[Tensor, Tensor]:
     """One DDIM step t -> prev (Song et al. 2021, eq. 12); `e_dir` is the eps in the direction term."""
-    # sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)): the DDPM posterior std scaled by eta
+    # Song et al. 2021 eq. 16: eta = 1 gives the DDPM posterior std, eta = 0 deterministic DDIM.
     sigma_t = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     if 1 - a_prev - sigma_t ** 2 < 0:
         raise ValueError(f"eta={eta} is too large: the DDIM direction term sqrt(1 - a_prev - s^2) is undefined")
@@ -235,6 +235,7 @@ class _VPTime:
         return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
     def log_alpha(self, t: float) -> float:
+        """log alpha_t = 0.5 log abar at continuous time t (piecewise linear between knots)."""
         return self._interp(t, self.t_knots, self.log_alpha_knots)
 
     def alpha_sigma_lambda(self, t: float) -> tuple[float, float, float]:
@@ -244,12 +245,15 @@ class _VPTime:
         return math.exp(la), math.exp(log_sigma), la - log_sigma
 
     def inverse_lambda(self, lam: float) -> float:
-        # log alpha = -0.5 log(1 + exp(-2 lambda)); then invert the (decreasing) knot map log alpha -> t
+        """The time t with half log-SNR lambda_t = lam (DPM-Solver `NoiseScheduleVP.inverse_lambda`)."""
+        # alpha^2 + sigma^2 = 1 and lambda = log(alpha / sigma) give log alpha = -0.5 log(1 + exp(-2 lambda));
+        # then invert the (decreasing) knot map log alpha -> t.
         log_alpha = -0.5 * float(torch.logaddexp(torch.tensor(0.0, dtype=torch.float64),
                                                  torch.tensor(-2.0 * lam, dtype=torch.float64)))
         return self._interp(log_alpha, self.log_alpha_knots.flip(0), self.t_knots.flip(0))
 
     def model_time(self, t: float) -> float:
+        """The UNet timestep for continuous t: t = 1/N -> 0, t = 1 -> 999 (N = 1000)."""
         return (t - 1.0 / self.total_n) * 1000.0
 
 

@@ -234,8 +234,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("cfg_scale", float, "classifier-free guidance scale", infotext="CFG scale"),
     Flag("batch_size", int, "images per sampling batch", check=_between(1, 1024)),
     Flag("n_iter", int, "number of batches", check=_between(1, 10000)),
-    Flag("width", int, "processing width in pixels, a multiple of 8 (sdcore's UNet needs a multiple of its "
-         "downsampling: 64 for SD1, checked before running); default: the model's native size", default=None,
+    Flag("width", int, "processing width in pixels, a multiple of 8; default: the model's native size", default=None,
          check=_size, infotext="Size-1"),
     Flag("height", int, "processing height in pixels (as --width); default: the model's native size",
          default=None, check=_size, infotext="Size-2"),
@@ -776,16 +775,6 @@ def _open_inputs(task: Task, values: dict[str, Any]):
 def _check_processing(p) -> None:
     """What processing would reject at run time, checked before anything is written."""
     p.validate()
-    # sdcore's UNet needs latents divisible by its total downsampling (A1111 accepts multiples of 8 pixels by
-    # resizing skip connections, modules/sd_hijack_unet.py); refuse early rather than after the first pass.
-    multiple = 8 * 2 ** (len(p.sd_model.family.unet.channel_mult) - 1)
-    sizes = [("--width", p.width), ("--height", p.height)]
-    if getattr(p, "enable_hr", False):
-        sizes += list(zip(("hires width (--hr-scale / --hr-resize-x)", "hires height (--hr-scale / --hr-resize-y)"),
-                          p.hr_size()))
-    for flag, size in sizes:
-        if size % multiple:
-            raise UsageError(f"{flag}: {size}; this model's UNet needs a multiple of {multiple} pixels")
     if getattr(p, "latent_mask", None) is not None and p.latent_mask.size != (p.width, p.height):
         raise UsageError(f"--latent-mask: size {p.latent_mask.size[0]}x{p.latent_mask.size[1]}; must be the "
                          f"processing size {p.width}x{p.height}")

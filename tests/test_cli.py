@@ -533,8 +533,8 @@ def test_txt2img_infotext_hires_keys():
 
 @pytest.mark.parametrize("extra, arg", [
     (["--enable-hr", "--hr-upscaler", "Bicubic"], "--hr-upscaler"),
-    (["--enable-hr", "--hr-scale", "1.5"], "hires width"),  # 96 px: the SD1 UNet needs multiples of 64
-    (["--width", "96"], "--width"),
+    (["--enable-hr", "--hr-scale", "1.3"], "hires size"),  # 83 px: not a multiple of 8
+    (["--width", "100"], "--width"),
     (["--hr-sampler-name", "nope"], "--hr-sampler-name"),
     (["--mask", "m.png"], "--mask"),  # not a txt2img flag
 ])

@@ -246,8 +246,11 @@ def create_binary_mask(mask: Image.Image, round: bool = True) -> Image.Image:
 def mask_blur_kernel_size(blur: float) -> int:
     """Gaussian kernel length A1111 uses for a mask blur of sigma `blur` pixels: `2*int(2.5*blur + 0.5) + 1`.
 
-    Spec 2.2.3 / 13: blur 1 -> 7, 2 -> 11, 4 -> 21, 8 -> 41, 16 -> 81, 64 -> 321.
+    Spec 2.2.3 / 13: blur 1 -> 7, 2 -> 11, 4 -> 21, 8 -> 41, 16 -> 81, 64 -> 321. Raises ValueError for a negative
+    or non-real blur.
     """
+    if isinstance(blur, bool) or not isinstance(blur, Real) or not blur >= 0:
+        raise ValueError(f"blur must be a real number >= 0 (sigma in pixels), got {blur!r}")
     return 2 * int(2.5 * blur + 0.5) + 1
 
 
@@ -540,8 +543,10 @@ def apply_color_correction(correction: np.ndarray, image: Image.Image) -> Image.
        matching in 8-bit LAB (scikit-image; the matched channels are stored back into uint8, truncating).
     2. Luminosity blend (blendmodes `blendLayers(corrected, image, LUMINOSITY)`, both opaque), in floats `/255`:
        `out = SetLum(corrected, Lum(image))` (see `set_luminosity`): hue and saturation of the corrected image,
-       luminosity of the generated one; `round(out * 255)` clipped to [0, 255].
+       luminosity of the generated one; `out` clipped to [0, 1], times 255, truncated to uint8 (as blendmodes 2022).
     Applied before the overlay. `correction` comes from `setup_color_correction`.
+
+    Raises ValueError for an image not in mode "RGB" or a correction that is not a uint8 [H, W, 3] array.
     """
     _check_mode("image", image, ("RGB",))
     correction = np.asarray(correction)

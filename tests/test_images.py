@@ -30,6 +30,12 @@ def test_mask_blur_kernel_size_spec13(blur, k):
     assert images.mask_blur_kernel_size(blur) == k
 
 
+@pytest.mark.parametrize("blur", [-1, -0.5, float("nan"), "4", True])
+def test_mask_blur_kernel_size_rejects_bad_blur(blur):
+    with pytest.raises(ValueError, match=r"blur must be a real number >= 0"):
+        images.mask_blur_kernel_size(blur)
+
+
 def test_step_edge_x_blur_matches_spec13():
     # Spec 13: a 0|255 vertical step at column 32, x-blur 4, columns 24..40 (OpenCV 5.0 values; ±1 across versions).
     a = np.zeros((64, 64), np.uint8)

@@ -109,6 +109,8 @@ def test_diagonal_gaussian():
     torch.testing.assert_close(dist.sample(torch.Generator().manual_seed(9)), mean + dist.std * eps)
     with pytest.raises(ValueError, match="moments"):
         DiagonalGaussianDistribution(torch.zeros(1, 3, 2, 2))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        dist.sample(None)
 
 
 def test_bad_inputs_raise(tiny_pair):

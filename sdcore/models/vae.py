@@ -216,8 +216,13 @@ class DiagonalGaussianDistribution:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """`mean + std * eps`, eps ~ N(0, I) drawn from `generator` (on the mean's device). -> [B, z, h, w]."""
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """`mean + std * eps`, eps ~ N(0, I) drawn from `generator` (on the mean's device). -> [B, z, h, w].
+
+        The generator is required: package code never draws from the global torch RNG. Raises TypeError otherwise.
+        """
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 

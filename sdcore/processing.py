@@ -268,6 +268,10 @@ class StableDiffusionProcessing:
 
         total = self.sampler.total_steps(self.steps)
         kw = dict(hires_steps=hires_steps, use_old_scheduling=self.opts.use_old_scheduling)
+        if self.opts.use_old_scheduling:
+            self.extra_generation_params["Old prompt editing timelines"] = True
+        if self.opts.emphasis != "Original" and any("(" in t or "[" in t for t in prompts + negative_prompts):
+            self.extra_generation_params["Emphasis"] = self.opts.emphasis
         uc = get_learned_conditioning(lambda texts: self.encode_texts(texts, is_negative_prompt=True),
                                       negative_prompts, total, **kw)
         c = get_multicond_learned_conditioning(self.encode_texts, prompts, total, **kw)
@@ -317,15 +321,28 @@ class StableDiffusionProcessing:
         return kw
 
     def get_sigmas(self, steps: int) -> torch.Tensor:
-        """Noise levels for `steps` (spec 10.2): `steps + 1` values ending in 0 for most schedulers."""
-        sd, o = self.sd_model, self.opts
+        """Noise levels for `steps` (spec 10.2): `steps + 1` values ending in 0 for most schedulers.
+
+        Option overrides that change the schedule are written to the infotext as A1111 does ("Schedule min sigma",
+        "Schedule max sigma", "Schedule rho", "Discard penultimate sigma").
+        """
+        sd, o, extra = self.sd_model, self.opts, self.extra_generation_params
         sched = self.denoiser_schedule()
         sigma_min = o.sigma_min or (0.1 if o.use_old_karras_scheduler_sigmas else None)
         sigma_max = o.sigma_max or (10.0 if o.use_old_karras_scheduler_sigmas else None)
+        if o.sigma_min and o.sigma_min != float(sched.sigma_min):
+            extra["Schedule min sigma"] = o.sigma_min
+        if o.sigma_max and o.sigma_max != float(sched.sigma_max):
+            extra["Schedule max sigma"] = o.sigma_max
+        name = self.sampler.scheduler if self.scheduler in (None, "automatic", "Automatic") else self.scheduler
+        default_rho = schedules.find_scheduler(name).default_rho if name else None
+        if o.rho and default_rho is not None and o.rho != default_rho:
+            extra["Schedule rho"] = o.rho
+        discard = self.sampler.discard_next_to_last_sigma or o.always_discard_next_to_last_sigma
+        if o.always_discard_next_to_last_sigma and not self.sampler.discard_next_to_last_sigma:
+            extra["Discard penultimate sigma"] = True
         return schedules.get_sigmas(self.scheduler or "automatic", steps, sched,
-                                    default_scheduler=self.sampler.scheduler,
-                                    discard_next_to_last_sigma=self.sampler.discard_next_to_last_sigma
-                                    or o.always_discard_next_to_last_sigma,
+                                    default_scheduler=self.sampler.scheduler, discard_next_to_last_sigma=discard,
                                     sigma_min=sigma_min, sigma_max=sigma_max, rho=o.rho or None,
                                     is_sdxl=sd.family.name.startswith("sdxl"))
 
@@ -408,8 +425,11 @@ class StableDiffusionProcessing:
                           image_cfg_scale=getattr(self, "image_cfg_scale", None),
                           is_edit_model=sd.family.conditioning == "edit")
         model = self.traced(with_call_index(cfg, info.total_steps(n_steps)))
+        s_min_uncond = self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond
+        if s_min_uncond > 0:
+            self.extra_generation_params["NGMS"] = s_min_uncond
         extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning,
-                      "s_min_uncond": self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond}
+                      "s_min_uncond": s_min_uncond}
         fn = info.function
         params = inspect.signature(fn).parameters
         kw = self.sampler_kwargs(fn)
@@ -821,7 +841,13 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             self.sampler, scheduler = find_sampler(self.hr_sampler_name or self.sampler.name)
             self.scheduler = self.hr_scheduler or scheduler or self.scheduler
             self.extra_generation_params["Hires sampler"] = self.sampler.name
+            if self.hr_scheduler:
+                self.extra_generation_params["Hires schedule type"] = schedules.find_scheduler(self.hr_scheduler).label
         try:
+            if self.hr_prompt:
+                self.extra_generation_params["Hires prompt"] = self.hr_prompt
+            if self.hr_negative_prompt:
+                self.extra_generation_params["Hires negative prompt"] = self.hr_negative_prompt
             hr_prompts = [self.hr_prompt or p for p in prompts]
             hr_negative = [self.hr_negative_prompt or p for p in negative_prompts]
             c, uc = self.setup_conds(hr_prompts, hr_negative, hires_steps=self.sampler.total_steps(hr_steps))

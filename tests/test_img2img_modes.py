@@ -212,3 +212,14 @@ def test_eta_and_churn_options_follow_a1111(sd1_tiny, photo):
     assert p.sampler_kwargs(p.sampler.function)["s_churn"] == 0.7
     p = job(sd1_tiny, photo, sampler_name="DDIM", eta=0.3)
     assert "Eta DDIM: 0.3" in process_images(p).info
+
+
+def test_schedule_option_infotext(sd1_tiny, photo):
+    # spec 10.2 / 9.3: option overrides that change the numbers are recorded
+    opts = Options(sigma_min=0.05, sigma_max=10.0, rho=5.0, always_discard_next_to_last_sigma=True,
+                   emphasis="No norm", use_old_scheduling=True, s_min_uncond=1.0)
+    info = process_images(job(sd1_tiny, photo, prompt="(a:1.2) cat", sampler_name="DPM++ 2M", opts=opts)).info
+    for key in ("Schedule min sigma: 0.05", "Schedule max sigma: 10.0", "Schedule rho: 5.0",
+                "Discard penultimate sigma: True", "Emphasis: No norm", "Old prompt editing timelines: True",
+                "NGMS: 1.0"):
+        assert key in info, key

@@ -160,6 +160,15 @@ def test_latent_mask_of_blurred_square_spec13():
     assert torch.equal(rounded.nonzero(), torch.tensor([[3, 3], [3, 4], [4, 3], [4, 4]]))
 
 
+def test_latent_mask_rounds_at_one_half_spec29():
+    # Spec 2.9: np.around of value/255. A uniform mask stays uniform through the bicubic resize, so grey 127
+    # (0.498) -> 0 and grey 128 (0.502) -> 1; without rounding the weight is exactly v / 255.
+    for grey, expected in ((127, 0.0), (128, 1.0), (140, 1.0)):
+        mask = Image.new("L", (64, 64), grey)
+        assert torch.equal(images.latent_mask(mask, 8, 8), torch.full((1, 1, 8, 8), expected))
+        assert torch.allclose(images.latent_mask(mask, 8, 8, round=False), torch.full((1, 1, 8, 8), grey / 255))
+
+
 def test_latent_mask_device_dtype_and_errors():
     m = images.latent_mask(_square_mask(), 8, 4, dtype=torch.float64, device="cpu")
     assert m.shape == (1, 1, 4, 8) and m.dtype == torch.float64

@@ -220,6 +220,20 @@ def test_seed_resize_with_subseed_and_non_square_window():
     assert torch.equal(x[:, :2, :], cpu_randn(5, shape)[0][:, :2, :])
 
 
+def test_centre_paste_odd_differences_spec82():
+    # Spec 8.2 formula with odd size differences (floor division):
+    # growing 3 -> 6: dx = (6 - 3)//2 = 1, the noise lands at [1:4]; shrinking 7 -> 4: dx = (4 - 7)//2 = -2, the
+    # window is w0 + 2 dx = 3 wide, read from [2:5] of the noise and written to [0:3], so index 3 keeps the target.
+    noise, target = torch.arange(9.0).reshape(1, 3, 3), torch.full((1, 6, 6), -1.0)
+    out = rng.centre_paste(noise, target)
+    assert torch.equal(out[:, 1:4, 1:4], noise)
+    assert int((out == -1).sum()) == 36 - 9 and torch.equal(target, torch.full((1, 6, 6), -1.0))
+    noise, target = torch.arange(49.0).reshape(1, 7, 7), torch.full((1, 4, 4), -1.0)
+    out = rng.centre_paste(noise, target)
+    assert torch.equal(out[:, 0:3, 0:3], noise[:, 2:5, 2:5])
+    assert bool((out[:, 3, :] == -1).all()) and bool((out[:, :, 3] == -1).all())
+
+
 def test_seed_resize_to_the_same_size_is_the_plain_path():
     plain = ImageRNG(SHAPE, [11]).next()
     same = ImageRNG(SHAPE, [11], seed_resize_from_h=64, seed_resize_from_w=64).next()

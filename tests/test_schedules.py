@@ -165,6 +165,15 @@ def test_setup_img2img_steps_table_spec13(model, p_steps, d, steps, t_enc, start
     assert f_steps - f_t_enc - 1 == f_start
 
 
+def test_strength_capped_at_0_999_spec62():
+    # Spec 6.2: A1111 uses min(denoising_strength, 0.999). At 1000 steps and strength 1: t_enc = int(0.999 * 1000)
+    # = 999 (a cap of 0.99 would give 990); with fix_steps the schedule has int(1000 / 0.999) = int(1001.001) = 1001
+    # steps (0.99 would give 1010).
+    assert setup_img2img_steps(1000, 1.0) == (1000, 999)
+    assert setup_img2img_steps(1000, 1.0, fix_steps=True) == (1001, 999)
+    assert setup_img2img_steps(1000, 0.9995) == (1000, 999)
+
+
 def test_img2img_errors(model):
     sigmas = get_sigmas("uniform", 20, model)
     with pytest.raises(ValueError, match="t_enc"):

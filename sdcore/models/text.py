@@ -77,7 +77,8 @@ class TextEncoder(nn.Module):
 
     Built on the meta device (no memory, no random draws), then moved with `to_empty` to `device`: parameters are
     uninitialised until `load_state_dict(..., assign=True)` (the checkpoint loader) or `reset_parameters(generator)`
-    (random weights). `device="meta"` keeps them on meta. `dtype` defaults to float32.
+    (random weights). `device="meta"` keeps them on meta; None = torch's default device, as for the UNet and VAE.
+    `dtype` defaults to float32.
 
     Parameters present: token_embedding.weight [V, W], positional_embedding [T, W], transformer.resblocks.N.*,
     ln_final.*, text_projection [W, P] (only if projection_dim > 0), logit_scale [] (only for
@@ -107,7 +108,7 @@ class TextEncoder(nn.Module):
             if config.layout == "open_clip":
                 self.logit_scale = nn.Parameter(torch.empty(()))
         self.to(dtype=dtype or torch.float32)
-        device = torch.device("cpu" if device is None else device)
+        device = torch.get_default_device() if device is None else torch.device(device)
         if device.type != "meta":
             self.to_empty(device=device)
 

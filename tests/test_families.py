@@ -526,7 +526,7 @@ def test_full_size_sdxl_text_parity():
     """Full CLIP-L (transformers) and bigG (open_clip) geometry with random weights, through encode_texts."""
     import transformers
 
-    from sdcore.models.text import TextEncoder, load_tokenizer
+    from sdcore.models.text import TextEncoder, load_tokenizer, open_clip_to_hf
     from sdcore.prompts import encode_family_conditioning
 
     fam = families.SDXL
@@ -536,8 +536,9 @@ def test_full_size_sdxl_text_parity():
         enc = TextEncoder(config, device="meta")
         enc.load_state_dict(mc.random_like(enc.state_dict(), g), strict=True, assign=True)
         encoders.append(enc.eval())
-    hf = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_act="quick_gelu", layer_norm_eps=1e-5)).eval()
-    from sdcore.models.text import open_clip_to_hf
+    hf = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)).eval()
     hf_weights = {k.removeprefix("text_model."): v for k, v in open_clip_to_hf(encoders[0].state_dict()).items()}
     hf.load_state_dict({k: v for k, v in hf_weights.items() if k in hf.state_dict()}, strict=True)
     bigg = open_clip.transformer.TextTransformer(context_length=77, width=1280, heads=20, layers=32,

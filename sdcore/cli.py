@@ -1054,9 +1054,10 @@ def run_info(args) -> int:
     print(f"family: {sd.family.name} (prediction {sd.family.prediction}, native {sd.family.native_size} px)")
     for r in sd.reasons:
         print(f"  because: {r}")
-    for name, m in (("unet", sd.unet), ("vae", sd.vae), ("text", sd.text_encoders[0])):
-        params = list(m.parameters())
-        print(f"{name}: {sum(p.numel() for p in params):,} parameters, dtype {params[0].dtype}")
+    components = sd.components()
+    for name, count in sd.parameter_counts().items():
+        print(f"{name}: {count:,} parameters, compute dtype {next(components[name].parameters()).dtype}")
+    print("file dtypes: " + ", ".join(f"{k} x{n}" for k, n in sd.file_dtypes.items()))
     print(f"model hash (sha256[:10]): {sd.shorthash()}")
     return 0
 

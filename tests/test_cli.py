@@ -635,3 +635,14 @@ def test_hostile_files_are_refused(capsys, files, sd1_tiny_path, tmp_path, monke
     code, _, err = run(capsys, "img2img", files / "init.png", "--from-infotext", huge, "--outdir", tmp_path / "o")
     assert code == 2 and "--from-infotext" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_info_lists_every_text_encoder_of_sdxl(capsys, tmp_path):
+    from make_checkpoint import make_state_dict, write_checkpoint
+
+    path = tmp_path / "xl.safetensors"
+    write_checkpoint(make_state_dict("sdxl", "tiny", seed=0, dtype=torch.float16), path, metadata={})
+    code, out, _ = run(capsys, "info", path)
+    assert code == 0 and "family: sdxl" in out
+    assert "text_encoder.conditioner.embedders.0.transformer" in out and "conditioner.embedders.1.model" in out
+    assert "file dtypes: float16" in out

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from . import images, infotext, rng
 from .checkpoint import StableDiffusionModel
 from .sampling import schedules
-from .sampling.denoisers import CFGDenoiser, CompVisDenoiser, LCMCompVisDenoiser, with_call_index
+from .sampling.denoisers import CFGDenoiser, CompVisDenoiser, LCMCompVisDenoiser
 from .sampling.samplers import SamplerInfo, find_sampler
 
 VERSION = infotext.VERSION
@@ -122,7 +122,7 @@ class StableDiffusionProcessing:
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     sampler_index: int | None = None
-    refiner_checkpoint: str | None = None
+    refiner_checkpoint: Any = None  # path of an SDXL refiner checkpoint, or a loaded StableDiffusionModel
     refiner_switch_at: float | None = None
     token_merging_ratio: float = 0
     token_merging_ratio_hr: float = 0
@@ -141,6 +141,9 @@ class StableDiffusionProcessing:
     all_seeds: list[int] | None = field(default=None, init=False)
     all_subseeds: list[int] | None = field(default=None, init=False)
 
+    refiner = None  # the loaded refiner model, set by validate()
+    batch_prompts = ([], [])  # this iteration's (prompts, negative prompts), for re-encoding at a refiner switch
+
     # Img2img state read by the shared sampling code; txt2img leaves them None (no mask, no init latent).
     mask = None
     nmask = None
@@ -150,8 +153,7 @@ class StableDiffusionProcessing:
     # Fields accepted for signature compatibility whose non-default values sdcore cannot honour.
     _NOT_IMPLEMENTED = {
         "styles": (None, []), "restore_faces": (None, False), "tiling": (None, False),
-        "ddim_discretize": (None, "uniform"), "sampler_index": (None,), "refiner_checkpoint": (None,),
-        "refiner_switch_at": (None,), "token_merging_ratio": (0, 0.0), "token_merging_ratio_hr": (0, 0.0),
+        "ddim_discretize": (None, "uniform"), "sampler_index": (None,), "token_merging_ratio": (0, 0.0), "token_merging_ratio_hr": (0, 0.0),
         "firstpass_image": (None,),
     }
 
@@ -189,6 +191,26 @@ class StableDiffusionProcessing:
             raise ValueError(f"subseed_strength: {self.subseed_strength}; must be in [0, 1]")
         if self.opts.randn_source not in ("CPU", "GPU", "NV"):
             raise ValueError(f"opts.randn_source: {self.opts.randn_source!r}; allowed: 'CPU', 'GPU', 'NV'")
+        self.validate_refiner()
+
+    def validate_refiner(self) -> None:
+        """Load `refiner_checkpoint` (same device and dtype as the model) and check `refiner_switch_at`."""
+        if self.refiner_checkpoint is None:
+            return
+        sw = self.refiner_switch_at
+        if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 0 < sw < 1:
+            raise ValueError(f"refiner_switch_at: {sw!r}; must be in (0, 1) with a refiner_checkpoint")
+        if isinstance(self.refiner_checkpoint, StableDiffusionModel):
+            self.refiner = self.refiner_checkpoint
+        else:
+            from .checkpoint import load_checkpoint
+
+            self.refiner = load_checkpoint(self.refiner_checkpoint, device=self.sd_model.device,
+                                           dtype=self.sd_model.dtype)
+        if self.refiner.family.unet.out_channels != self.sd_model.family.unet.out_channels:
+            raise ValueError(f"refiner_checkpoint: {self.refiner.name} has "
+                             f"{self.refiner.family.unet.out_channels} latent channels, the model "
+                             f"{self.sd_model.family.unet.out_channels}")
 
     # -- prompts and seeds (spec 8.1, 9 step 1) ------------------------------------------------------------------
 
@@ -420,11 +442,7 @@ class StableDiffusionProcessing:
         """Run the k-diffusion function over `sigma_sched` from `x` with CFG and the mask blend."""
         info, sd = self.sampler, self.sd_model
         self.record_schedule_type()
-        inner = self.make_inner_denoiser()
-        cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
-                          image_cfg_scale=getattr(self, "image_cfg_scale", None),
-                          is_edit_model=sd.family.conditioning == "edit")
-        model = self.traced(with_call_index(cfg, info.total_steps(n_steps)))
+        model = self.traced(self.guided_model(lambda: self.make_inner_denoiser(), info.total_steps(n_steps)))
         s_min_uncond = self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond
         if s_min_uncond > 0:
             self.extra_generation_params["NGMS"] = s_min_uncond
@@ -458,11 +476,12 @@ class StableDiffusionProcessing:
 
         sd, info = self.sd_model, self.sampler
         alphas = sd.alphas_cumprod.to(sd.device)
-        inner = CompVisTimestepsDenoiser(sd.apply_model, alphas, prediction=sd.family.prediction)
-        cfg = CFGDenoiser(inner, mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
-                          image_cfg_scale=getattr(self, "image_cfg_scale", None),
-                          is_edit_model=sd.family.conditioning == "edit", mask_before_denoising=True)
-        model = self.traced(with_call_index(cfg, len(timesteps)))
+
+        def inner():
+            return CompVisTimestepsDenoiser(self.sd_model.apply_model, self.sd_model.alphas_cumprod.to(sd.device),
+                                            prediction=self.sd_model.family.prediction)
+
+        model = self.traced(self.guided_model(inner, len(timesteps), mask_before_denoising=True))
         extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning}
         fn = TIMESTEP_SAMPLERS[info.name]
         params = inspect.signature(fn).parameters
@@ -475,6 +494,45 @@ class StableDiffusionProcessing:
         if "is_img2img" in params:
             kw["is_img2img"] = is_img2img
         return fn(model, x, timesteps, alphas, extra_args=extra_args, callback=callback, disable=disable, **kw)
+
+    def guided_model(self, make_inner, total_steps: int, mask_before_denoising: bool = False):
+        """The CFG denoiser as the sampler's `model(x, sigma, **extra_args)`, with the explicit call index.
+
+        With a refiner (`refiner_checkpoint`), the first call whose noise level has passed `refiner_switch_at`
+        swaps in the refiner for the rest of the run, as A1111 v1.10 `apply_refiner` does: the completed ratio is
+        `(999 - t) / 1000` with t the discrete timestep nearest to max(sigma); the conditioning is re-encoded with
+        the refiner's text encoders (prompt schedules keep counting calls), and it has no image conditioning.
+        """
+        def build():
+            return CFGDenoiser(make_inner(), mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
+                               image_cfg_scale=getattr(self, "image_cfg_scale", None),
+                               is_edit_model=self.sd_model.family.conditioning == "edit",
+                               mask_before_denoising=mask_before_denoising)
+
+        state = {"cfg": build(), "args": {}}
+        calls = iter(range(1 << 62))
+
+        def call(x, sigma, **extra_args):
+            if self.refiner is not None and self.sd_model is not self.refiner and self.refiner_due(sigma, state):
+                self.sd_model = self.refiner
+                c, uc = self.setup_conds(*self.batch_prompts)
+                state["cfg"] = build()
+                state["args"] = {**self.cond_extra_args(c, uc), "image_cond": None}
+                self.extra_generation_params["Refiner"] = f"{self.refiner.name} [{self.refiner.shorthash()}]"
+                self.extra_generation_params["Refiner switch at"] = self.refiner_switch_at
+            return state["cfg"](x, sigma, step=next(calls), total_steps=total_steps,
+                                **{**extra_args, **state["args"]})
+
+        return call
+
+    def refiner_due(self, sigma: torch.Tensor, state) -> bool:
+        """Whether the completed ratio `(999 - t) / 1000` has reached `refiner_switch_at` (A1111 v1.10)."""
+        inner = state["cfg"].inner
+        if hasattr(inner, "sigmas"):
+            t = int(torch.argmin((inner.sigmas.to(sigma.device) - sigma.max()).abs()))
+        else:  # timestep samplers pass timesteps
+            t = int(sigma.max())
+        return (999 - t) / 1000 >= self.refiner_switch_at
 
     def traced(self, model):
         """`model`, reporting every call to `self.model_callback` (if set) as a k-diffusion-style dict:
@@ -929,29 +987,34 @@ def process_images(p: StableDiffusionProcessing, callback=None, disable_progress
     p.setup_seeds()
     sd = p.sd_model
     out_images, infotexts, paths = [], [], []
-    with torch.inference_mode():
-        p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
-        for n in range(p.n_iter):
-            sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
-            seeds, subseeds = p.all_seeds[sl], p.all_subseeds[sl]
-            noise_rng = p.make_rng(seeds, subseeds)
-            c, uc = p.setup_conds(p.all_prompts[sl], p.all_negative_prompts[sl])
-            samples = p.sample(c, uc, seeds, subseeds, noise_rng, prompts=p.all_prompts[sl],
-                               negative_prompts=p.all_negative_prompts[sl], callback=callback,
-                               disable_progress=disable_progress)
-            decoded = p.decode_first_stage(samples.to(sd.device))
-            for i, image in enumerate(decoded):
-                index = n * p.batch_size + i
-                if p.color_corrections is not None and i < len(p.color_corrections):
-                    image = images.apply_color_correction(p.color_corrections[i], image)
-                if p.overlay_images is not None and p.opts.overlay_inpaint and i < len(p.overlay_images):
-                    image = images.apply_overlay(image, p.paste_to, p.overlay_images[i])
-                text = create_infotext(p, index)
-                if p.outpath_samples and not p.do_not_save_samples:
-                    paths.append(images.save_image(image, p.outpath_samples, p.all_seeds[index], text,
-                                                    date_subfolder=p.opts.save_to_dirs))
-                out_images.append(image)
-                infotexts.append(text)
+    try:
+        with torch.inference_mode():
+            p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
+            for n in range(p.n_iter):
+                sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
+                seeds, subseeds = p.all_seeds[sl], p.all_subseeds[sl]
+                noise_rng = p.make_rng(seeds, subseeds)
+                p.batch_prompts = (p.all_prompts[sl], p.all_negative_prompts[sl])
+                c, uc = p.setup_conds(*p.batch_prompts)
+                samples = p.sample(c, uc, seeds, subseeds, noise_rng, prompts=p.all_prompts[sl],
+                                   negative_prompts=p.all_negative_prompts[sl], callback=callback,
+                                   disable_progress=disable_progress)
+                decoded = p.decode_first_stage(samples.to(sd.device))  # the refiner's VAE after a switch, as A1111
+                p.sd_model = sd
+                for i, image in enumerate(decoded):
+                    index = n * p.batch_size + i
+                    if p.color_corrections is not None and i < len(p.color_corrections):
+                        image = images.apply_color_correction(p.color_corrections[i], image)
+                    if p.overlay_images is not None and p.opts.overlay_inpaint and i < len(p.overlay_images):
+                        image = images.apply_overlay(image, p.paste_to, p.overlay_images[i])
+                    text = create_infotext(p, index)
+                    if p.outpath_samples and not p.do_not_save_samples:
+                        paths.append(images.save_image(image, p.outpath_samples, p.all_seeds[index], text,
+                                                        date_subfolder=p.opts.save_to_dirs))
+                    out_images.append(image)
+                    infotexts.append(text)
+    finally:
+        p.sd_model = sd  # a refiner switch replaced it for the rest of the run
     return Processed(images=out_images, seeds=list(p.all_seeds), subseeds=list(p.all_subseeds),
                      prompts=list(p.all_prompts), negative_prompts=list(p.all_negative_prompts),
                      infotexts=infotexts, paths=paths, comments=dict(p.comments),

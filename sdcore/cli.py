@@ -275,6 +275,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("image_cfg_scale", float, "image guidance scale, instruct-pix2pix models only (ignored otherwise)",
          default=1.5, check=NON_NEGATIVE, infotext="Image CFG scale"),
     Flag("force_task_id", str, "a task id recorded in the infotext"),
+    Flag("refiner_checkpoint", str, "SDXL refiner checkpoint file that takes over at --refiner-switch-at"),
+    Flag("refiner_switch_at", float, "completed fraction (0..1, by noise level) at which the refiner takes over",
+         check=UNIT, infotext="Refiner switch at"),
     # txt2img hires fix (StableDiffusionProcessingTxt2Img)
     Flag("enable_hr", bool, "hires fix: upscale the first pass and denoise it again (see above)"),
     Flag("hr_scale", float, "hires upscale factor (used when --hr-resize-x/y are 0)", check=_between(1, 16),
@@ -337,7 +340,7 @@ FIELDS_WITHOUT_FLAG = {
     "extra_generation_params": "written by processing", "overlay_images": "internal state",
     "do_not_reload_embeddings": "no embeddings", "ddim_discretize": "not implemented",
     "override_settings": "the opts flags", "override_settings_restore_afterwards": "no global settings",
-    "sampler_index": "--sampler-name", "refiner_checkpoint": "not implemented", "refiner_switch_at": "not implemented",
+    "sampler_index": "--sampler-name",
     "token_merging_ratio": "not implemented", "token_merging_ratio_hr": "not implemented",
     "disable_extra_networks": "no extra networks", "firstpass_image": "not implemented", "comments": "internal",
     "firstphase_width": "legacy hires field, not implemented", "firstphase_height": "legacy hires field, not "

@@ -127,6 +127,7 @@ def test_every_flag_sets_its_field(sd1_tiny, files):
         "denoising_strength": 0.4, "resize_mode": 2, "mask_blur_x": 3, "mask_blur_y": 5, "mask_round": False,
         "inpainting_fill": 3, "inpaint_full_res": True, "inpaint_full_res_padding": 12, "inpainting_mask_invert": 1,
         "initial_noise_multiplier": 0.8, "image_cfg_scale": 1.2, "force_task_id": "t1",
+        "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
         "opts.img2img_fix_steps": True, "opts.img2img_color_correction": True,
         "opts.img2img_background_color": "#000000", "opts.inpainting_mask_weight": 0.5,
         "opts.img2img_extra_noise": 0.2, "opts.overlay_inpaint": False, "opts.eta_noise_seed_delta": 31337,

@@ -1,4 +1,5 @@
-"""A1111's img2img / inpainting job: `StableDiffusionProcessingImg2Img`, `process_images`, `Processed`.
+"""A1111's jobs: `StableDiffusionProcessingImg2Img` (img2img, inpainting), `StableDiffusionProcessingTxt2Img`
+(txt2img with the hires fix, sharing the same sampling core), `process_images`, `Processed`.
 
 Follows AUTOMATIC1111 stable-diffusion-webui v1.10.1 `modules/processing.py` (see shared/spec/a1111-img2img.md,
 cited below as "spec N"). One job:
@@ -10,6 +11,7 @@ cited below as "spec N"). One job:
               sampler over sigma_sched with CFG, denoised = init_latent * mask + denoised * nmask after each call;
               samples = samples * nmask + init_latent * mask
     decode    VAE decode -> pixels; colour correction; overlay of the original through the blurred mask
+txt2img is the same sampling core started from pure noise at sigmas[0] (no init latent, no mask).
 
 Glossary: B batch, C latent channels (4), H x W pixels, h x w = H/8 x W/8 latent cells; sigma is the noise standard
 deviation of k-diffusion's parameterisation x = x0 + sigma * eps.

@@ -231,7 +231,7 @@ def encode_dataset(args) -> None:
         caption_ids += [index[sc.caption()] for _, sc in scenes]
     mean, std = torch.cat(means), torch.cat(stds)
     sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(args.seed))
-    scale_factor = float(1.0 / sample.std())
+    scale_factor = round(float(1.0 / sample.std()), 4)  # the value written into families.TINY_VAE
     torch.save(dict(mean=mean, std=std, caption_ids=torch.tensor(caption_ids), scale_factor=scale_factor),
                work / "latents.pt")
 
@@ -288,6 +288,11 @@ def export(args) -> None:
 
     work = Path(args.workdir)
     fam = tiny_family()
+    if (work / "scale_factor.json").exists():
+        trained = json.loads((work / "scale_factor.json").read_text())["scale_factor"]
+        if trained != fam.vae.scale_factor:
+            raise SystemExit(f"families.TINY_VAE.scale_factor is {fam.vae.scale_factor} but the UNet was trained "
+                             f"with {trained}: set it in sdcore/families.py (the loader reads it from there)")
     sd: dict[str, torch.Tensor] = {}
     vae = AutoencoderKL(fam.vae)
     if (work / "vae_state.pt").exists():

@@ -55,13 +55,15 @@ def main() -> int:
     photo.save(out / "input.png")
     mask_img.save(out / "mask.png")
 
-    jobs = {
-        "img2img": dict(prompt="a painting of an astronaut, blue background", denoising_strength=0.6),
-        "inpaint": dict(prompt="a red circle", mask=mask_img, denoising_strength=0.9, inpainting_fill=1,
-                        mask_blur=1, inpaint_full_res=False),
-    }
+    # img2img at rising denoising strength: the photo gives way to what the prompt asks for. DPM++ 2M uses the
+    # karras schedule, which starts low strengths at a lower sigma than the uniform one (20 steps at 0.2: t_enc 4,
+    # sigma_sched[0] = sigmas[15] = 0.184 karras vs 0.596 uniform, spec 13), so the photo stays visible there.
+    jobs = {f"img2img-{d:.2f}": dict(prompt="a yellow circle", sampler_name="DPM++ 2M", denoising_strength=d)
+            for d in (0.2, 0.35, 0.5)}
+    jobs["inpaint"] = dict(prompt="a red circle", sampler_name="Euler a", mask=mask_img, denoising_strength=0.9,
+                           inpainting_fill=1, mask_blur=1, inpaint_full_res=False)
     for name, kw in jobs.items():
-        p = sdcore.StableDiffusionProcessingImg2Img(sd_model=sd, init_images=[photo], sampler_name="Euler a",
+        p = sdcore.StableDiffusionProcessingImg2Img(sd_model=sd, init_images=[photo],
                                                     steps=args.steps, cfg_scale=7.0, seed=args.seed, width=size,
                                                     height=size, **kw)
         processed = sdcore.process_images(p, disable_progress=True)

@@ -156,24 +156,23 @@ def _seed_resize(v: int) -> str | None:
     return None if v in (-1, 0) or 8 <= v <= 16384 else "must be -1 or 0 (off) or a size in [8, 16384] pixels"
 
 
-def _sampler(v: str) -> str | None:
-    from .sampling.samplers import find_sampler
+def _known(lookup_name: str) -> Callable[[str], str | None]:
+    """A check that a name resolves through `sdcore.sampling.<lookup_name>` (ValueError text = what is allowed)."""
+    def check(v: str) -> str | None:
+        import importlib
 
-    try:
-        find_sampler(v)
-    except ValueError as e:
-        return str(e)
-    return None
+        module, function = lookup_name.rsplit(".", 1)
+        try:
+            getattr(importlib.import_module(f"sdcore.sampling.{module}"), function)(v)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    return check
 
 
-def _scheduler(v: str) -> str | None:
-    from .sampling.schedules import find_scheduler
-
-    try:
-        find_scheduler(v)
-    except ValueError as e:
-        return str(e)
-    return None
+_sampler = _known("samplers.find_sampler")
+_scheduler = _known("schedules.find_scheduler")
 
 
 def _colour(v: str) -> str | None:

@@ -442,9 +442,9 @@ class StableDiffusionProcessing:
 
     def launch_sampling(self, x, sigma_sched, sigmas, n_steps, cond_args, noise_rng, seeds, callback, disable):
         """Run the k-diffusion function over `sigma_sched` from `x` with CFG and the mask blend."""
-        info, sd = self.sampler, self.sd_model
+        info = self.sampler
         self.record_schedule_type()
-        model = self.traced(self.guided_model(lambda: self.make_inner_denoiser(), info.total_steps(n_steps)))
+        model = self.traced(self.guided_model(self.make_inner_denoiser, info.total_steps(n_steps)))
         s_min_uncond = self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond
         if s_min_uncond > 0:
             self.extra_generation_params["NGMS"] = s_min_uncond
@@ -474,6 +474,8 @@ class StableDiffusionProcessing:
         return self.launch_timestep_sampling(xi, ts, cond_args, noise_rng, callback, disable, is_img2img=True)
 
     def launch_timestep_sampling(self, x, timesteps, cond_args, noise_rng, callback, disable, is_img2img):
+        """Run DDIM / DDIM CFG++ / PLMS / UniPC over the ascending DDPM `timesteps` from `x` (spec 6.4): the model
+        returns eps, the mask is blended into x before each call, DDIM's eta noise comes from the image RNG."""
         from .sampling.timesteps import TIMESTEP_SAMPLERS, CompVisTimestepsDenoiser
 
         sd, info = self.sd_model, self.sampler

@@ -839,17 +839,18 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         return self.hr_resize_x, self.hr_resize_y
 
     def init(self, all_prompts: list[str], all_seeds: list[int], all_subseeds: list[int]) -> None:
+        """Record the hires-fix parameters in the infotext (txt2img has no images or masks to prepare)."""
         if self.enable_hr:
-            w, h = self.hr_size()
-            self.extra_generation_params["Denoising strength"] = self.denoising_strength
-            self.extra_generation_params["Hires upscale"] = self.hr_scale if not (self.hr_resize_x or
-                                                                                 self.hr_resize_y) else None
+            extra = self.extra_generation_params
+            extra["Denoising strength"] = self.denoising_strength
             if self.hr_resize_x or self.hr_resize_y:
-                self.extra_generation_params["Hires resize"] = f"{w}x{h}"
+                w, h = self.hr_size()
+                extra["Hires resize"] = f"{w}x{h}"
+            else:
+                extra["Hires upscale"] = self.hr_scale
             if self.hr_second_pass_steps:
-                self.extra_generation_params["Hires steps"] = self.hr_second_pass_steps
-            self.extra_generation_params["Hires upscaler"] = self.hr_upscaler or "Latent"
-            self.extra_generation_params = {k: v for k, v in self.extra_generation_params.items() if v is not None}
+                extra["Hires steps"] = self.hr_second_pass_steps
+            extra["Hires upscaler"] = self.hr_upscaler or "Latent"
 
     def sample(self, c, uc, seeds: list[int], subseeds: list[int], noise_rng: rng.ImageRNG, prompts=None,
                negative_prompts=None, callback=None, disable_progress: bool | None = None) -> torch.Tensor:

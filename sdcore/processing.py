@@ -252,8 +252,9 @@ class StableDiffusionProcessing:
         for i, px in enumerate(pixels):
             dist = sd.vae.encode(px[None].to(sd.device, sd.vae_dtype))
             if self.opts.vae_encode_sample:
-                g = torch.Generator(device=sd.device).manual_seed(int(seeds[i % len(seeds)]))
-                z = dist.sample(generator=g)
+                eps = rng.vae_sample_noise([seeds[i % len(seeds)]], dist.mean.shape[1:], source=self.opts.randn_source,
+                                           device=sd.device)
+                z = dist.sample_from(eps)
             else:
                 z = dist.mode()
             out.append(z * sd.family.vae.scale_factor)

@@ -199,6 +199,27 @@ def randn_local(seed: int, shape: Sequence[int], *, source: str = "CPU",
     return _SeededSource(seed, source, _resolve_device(device)).draw(tuple(int(s) for s in shape))
 
 
+VAE_STREAM = 1  # the stream index of the VAE posterior sample; the image's sampling noise is stream 0 (the seed)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A 32-bit seed for stream `stream` of image seed `seed`, independent of the seed's own stream.
+
+    numpy's `SeedSequence([seed mod 2^64, stream])` hashes the pair (O'Neill's seed_seq mixing), so streams of one
+    seed, and of neighbouring seeds, share no generator state. sdcore uses it for the VAE posterior sample (stream
+    `VAE_STREAM`): A1111 draws that sample from the unseeded global RNG; drawing it from the image seed itself would
+    make `(sample - mean) / std` equal the initial noise (a1111-semantics §2.7, sdcore deviates).
+    """
+    return int(np.random.SeedSequence([int(seed) % 2**64, int(stream)]).generate_state(1, np.uint32)[0])
+
+
+def vae_sample_noise(seeds: Sequence[int], shape: Sequence[int], *, source: str = "CPU",
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """N(0, 1) float32 [B, *shape] for the VAE posterior samples of B images: image i draws from a fresh generator
+    of `source` ("CPU", "GPU" = `device`, "NV" = Philox) seeded `stream_seed(seeds[i], VAE_STREAM)`."""
+    return torch.stack([randn_local(stream_seed(s, VAE_STREAM), shape, source=source, device=device) for s in seeds])
+
+
 def centre_paste(noise: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Copy the centre of `noise` (C, h0, w0) into the centre of a copy of `target` (C, H, W) (spec 8.2, seed resize).
 

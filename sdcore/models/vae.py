@@ -224,7 +224,14 @@ class DiagonalGaussianDistribution:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        return self.sample_from(eps)
+
+    def sample_from(self, eps: torch.Tensor) -> torch.Tensor:
+        """`mean + std * eps` for a given N(0, I) draw `eps` [B, z, h, w] (the reparameterisation of Kingma &
+        Welling 2014). Raises ValueError when eps's shape differs from the mean's."""
+        if eps.shape != self.mean.shape:
+            raise ValueError(f"eps shape {tuple(eps.shape)} differs from the posterior's {tuple(self.mean.shape)}")
+        return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         """The mean, [B, z, h, w]."""

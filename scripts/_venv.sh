@@ -1,19 +1,23 @@
 # Shared by scripts/test and scripts/demo: create .venv and install sdcore with pinned deps.
-# torch/torchvision are pinned to the builds that lie on these machines' disk (torch==2.14.1, torchvision==0.29.1).
+# The package (pyproject.toml) declares version ranges only, so that installing it beside a user's CUDA/MPS torch
+# keeps that torch. The exact versions this repository's numbers come from live in constraints.txt, and every pip
+# install here goes through `-c constraints.txt`: torch/torchvision pinned to the builds that lie on these machines'
+# disk (torch==2.14.1, torchvision==0.29.1), plus the numeric libraries and test oracles.
+# The install is redone when pyproject.toml or constraints.txt is newer than the stamp.
 ensure_venv() {
   local extra="${1:-}"
   local stamp=".venv/.sdcore-installed-${extra:-base}"
   if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+    .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
     if [ "$extra" = "test" ]; then
-      .venv/bin/python -m pip install -q -e ".[test]"
+      .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
       # Oracle only: k-diffusion's sampling.py needs torch, scipy, torchsde, torchdiffeq, tqdm; its package
-      # dependencies (wandb, clip, accelerate, ...) are not needed, hence --no-deps.
-      .venv/bin/python -m pip install -q --no-deps "k-diffusion==0.1.1.post1"
+      # dependencies (wandb, clip, accelerate, ...) are not needed, hence --no-deps (version from constraints.txt).
+      .venv/bin/python -m pip install -q -c constraints.txt --no-deps k-diffusion
     else
-      .venv/bin/python -m pip install -q -e .
+      .venv/bin/python -m pip install -q -c constraints.txt -e .
     fi
     touch "$stamp"
   fi

@@ -11,19 +11,18 @@ Glossary
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import functools
 import os
 import re
-import warnings
 from numbers import Real
 from pathlib import Path
 
+import cv2
 import numpy as np
 import scipy.ndimage
 import torch
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
-from skimage import color as skcolor
 from skimage import exposure
 
 RESIZE_MODES = {
@@ -436,68 +435,6 @@ def apply_overlay(image: Image.Image, paste_to: tuple[int, int, int, int] | None
 # Colour correction (spec 9.2)
 # ---------------------------------------------------------------------------------------------------------------
 
-# sRGB (D65) -> CIE XYZ matrix and D65 white point as OpenCV's `imgproc/src/color_lab.cpp` stores them.
-SRGB_TO_XYZ_D65 = ((0.412453, 0.357580, 0.180423),
-                   (0.212671, 0.715160, 0.072169),
-                   (0.019334, 0.119193, 0.950227))
-D65_WHITE = (0.950456, 1.0, 1.088754)
-
-
-@functools.cache
-def _lab_u8_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fixed-point tables of OpenCV's 8-bit RGB -> LAB (`color_lab.cpp`, `RGB2Lab_b` and its lookup tables).
-
-    gamma[i] = round(2040 * srgb_to_linear(i/255)) (linear light in 1/2040 units, 0..2040);
-    matrix = round(4096 * SRGB_TO_XYZ_D65 / white) (rows X/Xn, Y/Yn, Z/Zn; each row sums to 4096);
-    f[i] = round(32768 * f(i/2040)), the CIE LAB companding f(t) = t^(1/3) above 0.008856, else 7.787 t + 16/116.
-    """
-    x = np.arange(256) / 255.0
-    gamma = np.rint(2040 * np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)).astype(np.int64)
-    matrix = np.rint(4096 * np.array(SRGB_TO_XYZ_D65) / np.array(D65_WHITE)[:, None]).astype(np.int64)
-    t = np.arange(3072) / 2040.0
-    f = np.rint(32768 * np.where(t < 0.008856, 7.787 * t + 16 / 116, np.cbrt(t))).astype(np.int64)
-    return gamma, matrix, f
-
-
-def rgb_to_lab_u8(rgb: np.ndarray) -> np.ndarray:
-    """8-bit CIE LAB (sRGB, D65) as OpenCV's `cv2.cvtColor(rgb, COLOR_RGB2LAB)` computes it: uint8 [H, W, 3].
-
-    Stored as `L*255/100`, `a + 128`, `b + 128`. OpenCV's integer algorithm (`RGB2Lab_b`, tables in
-    `_lab_u8_tables`), with `descale(v, n) = (v + 2^(n-1)) >> n`:
-    `XYZ = descale(matrix @ gamma[RGB], 12)`; `fX, fY, fZ = f[X], f[Y], f[Z]` (units of 1/32768);
-    `L = descale(296 fY - 1336934, 15)` (296 = round(116*255/100), 1336934 = 16*255*32768//100),
-    `a = descale(500 (fX - fY), 15) + 128`, `b = descale(200 (fY - fZ), 15) + 128`, saturated to [0, 255].
-    Equals OpenCV 5.0 on all but 0.01% of the 2^24 RGB colours, which differ by 1 level in a or b (its SIMD path).
-    """
-    rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8 or rgb.shape[-1:] != (3,):
-        raise ValueError(f"rgb must be a uint8 array [..., 3], got {rgb.dtype} {rgb.shape}")
-    gamma, matrix, f = _lab_u8_tables()
-    linear = gamma[rgb.astype(np.int64)]  # [..., 3]
-    xyz = (linear @ matrix.T + (1 << 11)) >> 12
-    fx, fy, fz = f[xyz[..., 0]], f[xyz[..., 1]], f[xyz[..., 2]]
-    half = 1 << 14
-    lightness = (296 * fy - 1336934 + half) >> 15
-    a = (500 * (fx - fy) + (128 << 15) + half) >> 15
-    b = (200 * (fy - fz) + (128 << 15) + half) >> 15
-    return np.clip(np.stack([lightness, a, b], axis=-1), 0, 255).astype(np.uint8)
-
-
-def lab_u8_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """8-bit LAB back to uint8 RGB [H, W, 3], standing in for OpenCV's `cv2.cvtColor(lab, COLOR_LAB2RGB)`.
-
-    Float conversion with scikit-image (`lab2rgb`, D65), rounded. For LAB values of real sRGB colours OpenCV 5.0
-    agrees within 2 levels; far outside the gamut the two clip differently.
-    """
-    lab = np.asarray(lab, dtype=np.float64)
-    lab = np.stack([lab[..., 0] * (100 / 255), lab[..., 1] - 128, lab[..., 2] - 128], axis=-1)
-    with warnings.catch_warnings():
-        # skimage warns when it clips a negative Z of an out-of-gamut colour; the clip is the intended behaviour.
-        warnings.simplefilter("ignore", UserWarning)
-        rgb = skcolor.lab2rgb(lab)
-    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
-
-
 def luminosity(rgb: np.ndarray) -> np.ndarray:
     """`Lum(C) = 0.299 R + 0.587 G + 0.114 B` of float RGB in [0, 1], shape [..., 3] -> [...].
 
@@ -527,24 +464,29 @@ def set_luminosity(rgb: np.ndarray, lum: np.ndarray) -> np.ndarray:
 
 
 def setup_color_correction(image: Image.Image) -> np.ndarray:
-    """Colour-correction target: the final init image (after crop, resize and fill) as 8-bit LAB [H, W, 3] (spec 9.2).
+    """Colour-correction target: the final init image (after crop, resize and fill) as 8-bit LAB (spec 9.2).
 
-    Reference: `modules/processing.py` `setup_color_correction` (`cv2.cvtColor(..., COLOR_RGB2LAB)`).
+    `image`: PIL "RGB", size (W, H). Returns uint8 [H, W, 3], OpenCV's 8-bit LAB encoding (`L*255/100`, `a + 128`,
+    `b + 128`; sRGB, D65), computed by OpenCV itself: `cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2LAB)`.
+    Reference: `modules/processing.py` `setup_color_correction`. Raises ValueError for an image not in mode "RGB".
     """
     _check_mode("image", image, ("RGB",))
-    return rgb_to_lab_u8(np.asarray(image))
+    return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2LAB)
 
 
 def apply_color_correction(correction: np.ndarray, image: Image.Image) -> Image.Image:
     """Match a generated RGB image's colours to the init image's, keeping its own luminosity (spec 9.2).
 
-    Reference: `modules/processing.py` `apply_color_correction`:
-    1. `corrected = LAB->RGB(match_histograms(LAB(image), correction, channel_axis=2))`: per-channel histogram
-       matching in 8-bit LAB (scikit-image; the matched channels are stored back into uint8, truncating).
-    2. Luminosity blend (blendmodes `blendLayers(corrected, image, LUMINOSITY)`, both opaque), in floats `/255`:
+    `correction`: uint8 [H', W', 3] LAB from `setup_color_correction` (its size need not equal the image's);
+    `image`: the generated PIL "RGB" image, size (W, H). Returns a new PIL "RGB" image of size (W, H).
+    Reference: `modules/processing.py` `apply_color_correction`, with OpenCV and scikit-image as A1111 calls them:
+    1. `corrected = cv2.cvtColor(match_histograms(cv2.cvtColor(image, COLOR_RGB2LAB), correction, channel_axis=2),
+       COLOR_LAB2RGB)`: per-channel histogram matching in 8-bit LAB (`skimage.exposure.match_histograms` stores the
+       matched float channels back into the input's uint8, truncating), then OpenCV's 8-bit LAB -> RGB, uint8.
+    2. Luminosity blend (blendmodes 2022 `blendLayers(corrected, image, LUMINOSITY)`, both opaque), in floats `/255`:
        `out = SetLum(corrected, Lum(image))` (see `set_luminosity`): hue and saturation of the corrected image,
        luminosity of the generated one; `out` clipped to [0, 1], times 255, truncated to uint8 (as blendmodes 2022).
-    Applied before the overlay. `correction` comes from `setup_color_correction`.
+    Applied before the overlay.
 
     Raises ValueError for an image not in mode "RGB" or a correction that is not a uint8 [H, W, 3] array.
     """
@@ -555,8 +497,8 @@ def apply_color_correction(correction: np.ndarray, image: Image.Image) -> Image.
                          f"{correction.dtype} {correction.shape}")
     generated = np.asarray(image)
     # match_histograms writes the matched float channels into an array of the input's dtype: uint8, truncated.
-    matched = exposure.match_histograms(rgb_to_lab_u8(generated), correction, channel_axis=2)
-    corrected = lab_u8_to_rgb(matched)
+    matched = exposure.match_histograms(cv2.cvtColor(generated, cv2.COLOR_RGB2LAB), correction, channel_axis=2)
+    corrected = cv2.cvtColor(matched, cv2.COLOR_LAB2RGB)
     blended = set_luminosity(corrected / 255.0, luminosity(generated / 255.0))
     out = (np.clip(blended, 0, 1) * 255).astype(np.uint8)
     return Image.fromarray(out, mode="RGB")
@@ -641,3 +583,105 @@ def save_image(image: Image.Image, outdir: str | os.PathLike, seed: int, infotex
         with f:
             image.save(f, format="PNG", pnginfo=pnginfo)
         return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole input preparation of one img2img job (spec 2), as one function over the helpers above
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PreparedInputs:
+    """What `prepare_inputs` made of the init images and the mask (spec 2).
+
+    - `pixels`: float32 [B, H, W, 3] in [0, 1] at the processing size (cropped to the mask region for "Only masked",
+      masked pixels filled for `inpainting_fill` 0); one row per batch image (a single init image is repeated).
+    - `mask`: the processing mask at `width x height` ("L", 255 = regenerate) after binarising, inverting, blurring
+      and cropping; None without a mask (or when "Only masked" found it blank).
+    - `latent_mask`: the mask the latent blend and the fill read (`latent_mask` argument, else `mask`).
+    - `mask_for_overlay`, `overlay_images` (RGBA, one per batch image): what `apply_overlay` pastes back.
+    - `paste_to` `(x, y, w, h)` and `crop_region` `(x1, y1, x2, y2)` for "Only masked", else None.
+    - `color_corrections`: one LAB histogram target per batch image, or None when colour correction is off.
+    - `blank_mask`: "Only masked" was asked with a blank mask and fell back to whole-picture img2img.
+    """
+
+    pixels: np.ndarray
+    mask: Image.Image | None
+    latent_mask: Image.Image | None
+    mask_for_overlay: Image.Image | None
+    overlay_images: list[Image.Image] | None
+    paste_to: tuple[int, int, int, int] | None
+    crop_region: tuple[int, int, int, int] | None
+    color_corrections: list[np.ndarray] | None
+    blank_mask: bool = False
+
+
+def prepare_mask(mask: Image.Image, *, width: int, height: int, resize_mode: int, mask_blur_x: float,
+                 mask_blur_y: float, mask_round: bool, invert: bool, full_res: bool, padding: int):
+    """(processing mask, mask_for_overlay, crop_region, paste_to) of a user mask (spec 2 steps 1-4).
+
+    Binarise (`create_binary_mask`), invert, blur; then "Only masked" (`full_res`): crop region of the mask with
+    `padding` px, expanded to the processing aspect ratio, the crop resized to `width x height` (resize mode 2);
+    a blank mask gives (None, None, None, None). Whole picture: the mask resized with `resize_mode` and the overlay
+    mask doubled (`double_mask_for_overlay`).
+    """
+    mask = create_binary_mask(mask, round=mask_round)
+    if invert:
+        mask = ImageOps.invert(mask)
+    if mask_blur_x > 0 or mask_blur_y > 0:
+        mask = blur_mask(mask, mask_blur_x, mask_blur_y)
+    if not full_res:
+        mask = resize_image(resize_mode, mask, width, height)
+        return mask, double_mask_for_overlay(mask), None, None
+    crop = get_crop_region_v2(mask, padding)
+    if crop is None:
+        return None, None, None, None
+    crop = expand_crop_region(crop, width, height, mask.width, mask.height)
+    x1, y1, x2, y2 = crop
+    return resize_image(2, mask.crop(crop), width, height), mask, crop, (x1, y1, x2 - x1, y2 - y1)
+
+
+def prepare_inputs(init_images: list[Image.Image], mask: Image.Image | None, *, width: int, height: int,
+                   batch_size: int, resize_mode: int = 0, mask_blur_x: float = 4, mask_blur_y: float = 4,
+                   mask_round: bool = True, invert: bool = False, full_res: bool = True, padding: int = 0,
+                   inpainting_fill: int = 1, latent_mask: Image.Image | None = None,
+                   background_color: str = "#ffffff", color_correction: bool = False) -> PreparedInputs:
+    """Init images and mask -> processing-size pixels, masks and overlays, in A1111's order (spec 2).
+
+    Per image: flatten onto `background_color`, resize (`resize_mode` 0-2; mode 3 resizes the latent later), make the
+    overlay of the original through `mask_for_overlay`, crop to the mask region ("Only masked"), fill the masked
+    pixels (`inpainting_fill` != 1, spec 4), record the colour-correction target. A single image is repeated to
+    `batch_size`; several images make a batch of their own size (at most `batch_size`). Inputs are never changed.
+    Raises ValueError for more images than `batch_size`.
+    """
+    if len(init_images) > 1 and len(init_images) > batch_size:
+        raise ValueError(f"init_images: {len(init_images)} images but batch_size is {batch_size}")
+    mask_for_overlay = crop = paste_to = None
+    blank, masked_job = False, mask is not None
+    if mask is not None:
+        mask, mask_for_overlay, crop, paste_to = prepare_mask(
+            mask, width=width, height=height, resize_mode=resize_mode, mask_blur_x=mask_blur_x,
+            mask_blur_y=mask_blur_y, mask_round=mask_round, invert=invert, full_res=full_res, padding=padding)
+        blank = mask is None
+    fill_mask = latent_mask if latent_mask is not None else mask
+    pixels, overlays, corrections = [], [], []
+    for img in init_images:
+        image = flatten(img, background_color)
+        if crop is None and resize_mode != 3:
+            image = resize_image(resize_mode, image, width, height)
+        if mask is not None:
+            overlay_mask = mask_for_overlay
+            if overlay_mask.size != image.size:
+                overlay_mask = resize_image(resize_mode, overlay_mask, image.width, image.height).convert("L")
+            overlays.append(make_overlay(image, overlay_mask))
+        if crop is not None:
+            image = resize_image(2, image.crop(crop), width, height)
+        if mask is not None and inpainting_fill != 1:
+            image = fill(image, fill_mask.convert("L"))
+        if color_correction:
+            corrections.append(setup_color_correction(image))
+        pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    if len(pixels) == 1:
+        pixels, overlays, corrections = pixels * batch_size, overlays * batch_size, corrections * batch_size
+    return PreparedInputs(pixels=np.stack(pixels), mask=mask, latent_mask=fill_mask, mask_for_overlay=mask_for_overlay,
+                          overlay_images=overlays if masked_job else None, paste_to=paste_to, crop_region=crop,
+                          color_corrections=corrections if color_correction else None, blank_mask=blank)

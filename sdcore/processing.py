@@ -1,39 +1,31 @@
-"""A1111's jobs: `StableDiffusionProcessingImg2Img` (img2img, inpainting), `StableDiffusionProcessingTxt2Img`
-(txt2img with the hires fix, sharing the same sampling core), `process_images`, `Processed`.
+"""The A1111 adapter: `StableDiffusionProcessingImg2Img` / `...Txt2Img` jobs, `Options`, `process_images`, `Processed`.
 
-Follows AUTOMATIC1111 stable-diffusion-webui v1.10.1 `modules/processing.py` (see shared/spec/a1111-img2img.md,
-cited below as "spec N"). One job:
+A job object holds AUTOMATIC1111 v1.10.1's fields under their names and defaults (a1111-semantics §1). Running it
+(`process_images`) maps those fields and the global `Options` onto the arguments of `pipeline.img2img`,
+`pipeline.txt2img` and `pipeline.hires_fix`, one pipeline call per batch (`n_iter` of them), and builds the infotext
+and `Processed` from what the pipeline returns. The algorithm itself is in `pipeline.py`; what is here is A1111's
+bookkeeping: seed lists, the sampler's option quirks, infotext keys in A1111's order, file saving.
 
-    init()    images -> resize/crop/fill -> VAE encode -> init_latent [B,4,H/8,W/8];
-              mask -> blur -> latent mask (nmask = regenerate, mask = keep); image_conditioning
-    sample()  sigmas for `steps`; t_enc = int(min(denoising_strength, 0.999) * steps);
-              sigma_sched = sigmas[steps - t_enc - 1:]; xi = init_latent + noise * sigma_sched[0];
-              sampler over sigma_sched with CFG, denoised = init_latent * mask + denoised * nmask after each call;
-              samples = samples * nmask + init_latent * mask
-    decode    VAE decode -> pixels; colour correction; overlay of the original through the blurred mask
-txt2img is the same sampling core started from pure noise at sigmas[0] (no init latent, no mask).
+A run never changes the job's fields or the model: the same job run twice gives the same bytes (with a fixed seed).
 
-Glossary: B batch, C latent channels (4), H x W pixels, h x w = H/8 x W/8 latent cells; sigma is the noise standard
+Glossary: B batch, C latent channels, H x W pixels, h x w = H/8 x W/8 latent cells; sigma is the noise standard
 deviation of k-diffusion's parameterisation x = x0 + sigma * eps.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-from . import images, infotext, rng
-from .checkpoint import StableDiffusionModel
+from . import images, infotext, pipeline, rng
+from .checkpoint import StableDiffusionModel, load_checkpoint
+from .plan import Plan, SamplingPass
 from .sampling import schedules
-from .sampling.denoisers import CFGDenoiser, CompVisDenoiser, LCMCompVisDenoiser
+from .sampling.blends import MaskBlend, make_blend
 from .sampling.samplers import SamplerInfo, find_sampler
 
 VERSION = infotext.VERSION
@@ -43,9 +35,9 @@ VERSION = infotext.VERSION
 class Options:
     """A1111 global settings that change img2img numbers, as explicit parameters with the reference defaults.
 
-    Names are the option names of `modules/shared_options.py` (spec 1, "Relevant global options"). One deliberate
+    Names are the option names of `modules/shared_options.py` (a1111-semantics §1, "Relevant global options"). One deliberate
     difference: `randn_source` defaults to "CPU" (A1111: "GPU"), so the same seed gives the same image on every
-    device; "GPU" draws on the model's device, "NV" uses the Philox generator (spec 8.3).
+    device; "GPU" draws on the model's device, "NV" uses the Philox generator (a1111-semantics §8.3).
     """
 
     img2img_fix_steps: bool = False
@@ -74,11 +66,14 @@ class Options:
     use_old_karras_scheduler_sigmas: bool = False
     save_to_dirs: bool = True  # outputs go to a YYYY-MM-DD subfolder
     vae_encode_sample: bool = True  # A1111 samples the VAE posterior (seeded here per image); False = its mean
+    beta_dist_alpha: float = 0.6  # the Beta scheduler's alpha (a1111-semantics §17)
+    beta_dist_beta: float = 0.6
+
 
 
 @dataclass
 class StableDiffusionProcessing:
-    """Fields shared by txt2img and img2img (A1111 `StableDiffusionProcessing`, spec 1).
+    """Fields shared by txt2img and img2img (A1111 `StableDiffusionProcessing`, a1111-semantics §1).
 
     Values: `width`, `height` in pixels (multiples of 8); `steps` >= 1; `cfg_scale` the classifier-free guidance
     scale; `seed` -1 = random; `subseed_strength` in [0, 1]; `eta` None = option default.
@@ -133,30 +128,14 @@ class StableDiffusionProcessing:
     comments: dict | None = None
     opts: Options = field(default_factory=Options)
 
-    # Internal state set by process_images / init / sample (A1111 names).
-    sampler: SamplerInfo | None = field(default=None, init=False)
-    is_using_inpainting_conditioning: bool = field(default=False, init=False)
-    paste_to: tuple | None = field(default=None, init=False)
-    color_corrections: list | None = field(default=None, init=False)
-    all_prompts: list[str] | None = field(default=None, init=False)
-    all_negative_prompts: list[str] | None = field(default=None, init=False)
-    all_seeds: list[int] | None = field(default=None, init=False)
-    all_subseeds: list[int] | None = field(default=None, init=False)
-
-    refiner = None  # the loaded refiner model, set by validate()
-    batch_prompts = ([], [])  # this iteration's (prompts, negative prompts), for re-encoding at a refiner switch
-
-    # Img2img state read by the shared sampling code; txt2img leaves them None (no mask, no init latent).
-    mask = None
-    nmask = None
-    init_latent = None
-    image_conditioning = None
-
     # Fields accepted for signature compatibility whose non-default values sdcore cannot honour.
     _NOT_IMPLEMENTED = {
         "styles": (None, []), "restore_faces": (None, False), "tiling": (None, False),
-        "ddim_discretize": (None, "uniform"), "sampler_index": (None,), "token_merging_ratio": (0, 0.0), "token_merging_ratio_hr": (0, 0.0),
-        "firstpass_image": (None,),
+        "ddim_discretize": (None, "uniform"), "sampler_index": (None,), "token_merging_ratio": (0, 0.0),
+        "token_merging_ratio_hr": (0, 0.0), "firstpass_image": (None,), "outpath_grids": (None,),
+        "prompt_for_display": (None,), "do_not_save_grid": (False,), "do_not_reload_embeddings": (False,),
+        "override_settings_restore_afterwards": (True,), "disable_extra_networks": (False,),
+        "overlay_images": (None,),
     }
 
     def __post_init__(self):
@@ -174,7 +153,7 @@ class StableDiffusionProcessing:
             self.comments = {}
 
     def validate(self) -> None:
-        """Raise ValueError / NotImplementedError for values outside what the reference allows."""
+        """Raise ValueError / NotImplementedError for values outside what the reference allows (changes nothing)."""
         for name, defaults in self._NOT_IMPLEMENTED.items():
             value = getattr(self, name)
             if not any(value is d or value == d for d in defaults):
@@ -193,380 +172,154 @@ class StableDiffusionProcessing:
             raise ValueError(f"subseed_strength: {self.subseed_strength}; must be in [0, 1]")
         if self.opts.randn_source not in ("CPU", "GPU", "NV"):
             raise ValueError(f"opts.randn_source: {self.opts.randn_source!r}; allowed: 'CPU', 'GPU', 'NV'")
-        self.validate_refiner()
+        if self.refiner_checkpoint is not None:
+            sw = self.refiner_switch_at
+            if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 0 < sw < 1:
+                raise ValueError(f"refiner_switch_at: {sw!r}; must be in (0, 1) with a refiner_checkpoint")
 
-    def validate_refiner(self) -> None:
-        """Load `refiner_checkpoint` (same device and dtype as the model) and check `refiner_switch_at`."""
+    def load_refiner(self) -> pipeline.Refiner | None:
+        """The refiner of `refiner_checkpoint` (a path is loaded on the model's device and dtype), or None.
+        Raises ValueError when its latent channels differ from the model's."""
         if self.refiner_checkpoint is None:
-            return
-        sw = self.refiner_switch_at
-        if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 0 < sw < 1:
-            raise ValueError(f"refiner_switch_at: {sw!r}; must be in (0, 1) with a refiner_checkpoint")
-        if isinstance(self.refiner_checkpoint, StableDiffusionModel):
-            self.refiner = self.refiner_checkpoint
-        else:
-            from .checkpoint import load_checkpoint
+            return None
+        refiner = self.refiner_checkpoint
+        if not isinstance(refiner, StableDiffusionModel):
+            refiner = load_checkpoint(refiner, device=self.sd_model.device, dtype=self.sd_model.dtype)
+        if refiner.family.unet.out_channels != self.sd_model.family.unet.out_channels:
+            raise ValueError(f"refiner_checkpoint: {refiner.name} has {refiner.family.unet.out_channels} latent "
+                             f"channels, the model {self.sd_model.family.unet.out_channels}")
+        return pipeline.Refiner(refiner, self.refiner_switch_at)
 
-            self.refiner = load_checkpoint(self.refiner_checkpoint, device=self.sd_model.device,
-                                           dtype=self.sd_model.dtype)
-        if self.refiner.family.unet.out_channels != self.sd_model.family.unet.out_channels:
-            raise ValueError(f"refiner_checkpoint: {self.refiner.name} has "
-                             f"{self.refiner.family.unet.out_channels} latent channels, the model "
-                             f"{self.sd_model.family.unet.out_channels}")
+    def resolve_sampler(self) -> tuple[SamplerInfo, str | None]:
+        """(sampler row, scheduler): `sampler_name` (default "DPM++ 2M"); a scheduler carried in the sampler name
+        ("DPM++ 2M Karras") is used when `scheduler` is None/Automatic (A1111 `fix_p_invalid_sampler_and_scheduler`)."""
+        info, from_name = find_sampler(self.sampler_name or "DPM++ 2M")
+        if from_name is not None and self.scheduler in (None, "automatic", "Automatic"):
+            return info, from_name
+        return info, self.scheduler
 
-    # -- prompts and seeds (spec 8.1, 9 step 1) ------------------------------------------------------------------
+    # -- A1111 fields -> pipeline arguments ------------------------------------------------------------------------
 
-    def setup_prompts(self) -> None:
-        """`all_prompts` / `all_negative_prompts`: batch_size * n_iter entries (a str is repeated)."""
-        n = self.batch_size * self.n_iter
-        self.all_prompts = _expand(self.prompt, n, "prompt")
-        self.all_negative_prompts = _expand(self.negative_prompt, n, "negative_prompt")
+    def text_options(self) -> pipeline.TextOptions:
+        return pipeline.TextOptions(clip_skip=self.opts.CLIP_stop_at_last_layers, emphasis=self.opts.emphasis,
+                                    use_old_scheduling=self.opts.use_old_scheduling)
 
-    def setup_seeds(self) -> None:
-        """Resolve -1 seeds and build `all_seeds` / `all_subseeds` (spec 8.1)."""
-        n = self.batch_size * self.n_iter
-        seed, subseed = rng.get_fixed_seed(self.seed), rng.get_fixed_seed(self.subseed)
-        self.seed, self.subseed = seed, subseed
-        self.all_seeds = [seed if self.subseed_strength else seed + k for k in range(n)]
-        self.all_subseeds = [subseed + k for k in range(n)]
+    def seeds_of(self, seeds: list[int], subseeds: list[int]) -> pipeline.Seeds:
+        return pipeline.Seeds(tuple(seeds), tuple(subseeds), subseed_strength=self.subseed_strength,
+                              seed_resize_from_h=self.seed_resize_from_h, seed_resize_from_w=self.seed_resize_from_w,
+                              source=self.opts.randn_source, eta_noise_seed_delta=self.opts.eta_noise_seed_delta)
 
-    def make_rng(self, seeds: list[int], subseeds: list[int]) -> rng.ImageRNG:
-        """The per-iteration noise source (spec 8.2): one generator per image seed."""
-        sd = self.sd_model
-        return rng.ImageRNG((sd.family.unet.out_channels, self.height // 8, self.width // 8), seeds,
-                            subseeds=subseeds, subseed_strength=self.subseed_strength,
-                            seed_resize_from_h=self.seed_resize_from_h, seed_resize_from_w=self.seed_resize_from_w,
-                            source=self.opts.randn_source, device=sd.device,
-                            eta_noise_seed_delta=self.opts.eta_noise_seed_delta)
+    def sampler_options(self, model: StableDiffusionModel, sampler: SamplerInfo, scheduler: str | None, *,
+                        img2img: bool) -> tuple[pipeline.SamplerOptions, dict]:
+        """The sampler's options as A1111 resolves them (a1111-semantics §6.5, §10.2), and the infotext keys they
+        produce, in A1111's order.
 
-    # -- VAE ---------------------------------------------------------------------------------------------------
-
-    def encode_first_stage(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Scaled latents [B,C,h,w] of pixels [B,3,H,W] in [-1, 1] (LDM `get_first_stage_encoding`, spec 2.7).
-
-        Each image is encoded on its own (as A1111 does for batches); the posterior sample of image i draws from a
-        generator seeded with `seeds[i]`, so the encode is reproducible (A1111 uses the unseeded global RNG).
+        eta: p.eta, else `eta_ancestral` (k-diffusion, infotext "Eta" when != 1) or `eta_ddim` (DDIM, "Eta DDIM"
+        when != 0). s_churn/s_tmin/s_tmax/s_noise: p's value, else the option; A1111's quirk kept: an option that
+        differs from the sampler default (0, 0, inf, 1) wins over p's value and is written to the infotext.
         """
-        sd = self.sd_model
-        out = []
-        for i, px in enumerate(pixels):
-            dist = sd.vae.encode(px[None].to(sd.device, sd.vae_dtype))
-            if self.opts.vae_encode_sample:
-                eps = rng.vae_sample_noise([seeds[i % len(seeds)]], dist.mean.shape[1:], source=self.opts.randn_source,
-                                           device=sd.device)
-                z = dist.sample_from(eps)
-            else:
-                z = dist.mode()
-            out.append(z * sd.family.vae.scale_factor)
-        return torch.cat(out).float()
-
-    def decode_first_stage(self, latents: torch.Tensor) -> list[Image.Image]:
-        """PIL RGB images from scaled latents (spec 7.2: one at a time, (x+1)/2 clamped, x255, truncated to uint8)."""
-        sd = self.sd_model
-        result = []
-        for z in latents:
-            x = sd.vae.decode((z[None] / sd.family.vae.scale_factor).to(sd.device, sd.vae_dtype)).float()
-            if torch.isnan(x).any():
-                raise FloatingPointError(f"VAE decode produced NaN in {sd.vae_dtype}; run with vae_dtype=float32")
-            x = torch.clamp((x[0] + 1) / 2, 0, 1)
-            arr = (255.0 * x.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)
-            result.append(Image.fromarray(arr))
-        return result
-
-    # -- text -----------------------------------------------------------------------------------------------------
-
-    def encode_texts(self, texts: list[str], is_negative_prompt: bool = False):
-        """Plain texts -> conditioning: [N, 77*k, C], or a dict {"c_crossattn": ..., "y": [N, adm]} for models
-        with vector conditioning (spec 11.4: chunks, emphasis, clip skip). Delegates to the model;
-        `is_negative_prompt` is A1111's SdConditioning flag (SDXL: zeroed empty negative, refiner aesthetic score)."""
-        return self.sd_model.encode_texts(texts, clip_skip=self.opts.CLIP_stop_at_last_layers,
-                                          emphasis=self.opts.emphasis, width=self.width, height=self.height,
-                                          is_negative_prompt=is_negative_prompt)
-
-    def setup_conds(self, prompts: list[str], negative_prompts: list[str], hires_steps: int | None = None):
-        """(c, uc): prompt-edited, AND-composed conditioning for this batch (spec 11.1, 11.3; A1111 `setup_conds`).
-
-        Schedules are computed for `sampler.total_steps(steps)` model calls (x2 for second-order samplers); for a
-        hires pass, `hires_steps` is the second pass's count (A1111 `calculate_hr_conds`).
-        """
-        from .prompts import get_learned_conditioning, get_multicond_learned_conditioning
-
-        total = self.sampler.total_steps(self.steps)
-        kw = dict(hires_steps=hires_steps, use_old_scheduling=self.opts.use_old_scheduling)
-        if self.opts.use_old_scheduling:
-            self.extra_generation_params["Old prompt editing timelines"] = True
-        if self.opts.emphasis != "Original" and any("(" in t or "[" in t for t in prompts + negative_prompts):
-            self.extra_generation_params["Emphasis"] = self.opts.emphasis
-        uc = get_learned_conditioning(lambda texts: self.encode_texts(texts, is_negative_prompt=True),
-                                      negative_prompts, total, **kw)
-        c = get_multicond_learned_conditioning(self.encode_texts, prompts, total, **kw)
-        return c, uc
-
-    @staticmethod
-    def cond_extra_args(c, uc) -> dict[str, Any]:
-        """CFGDenoiser arguments that give, for model call `step`, the scheduled cond rows and uncond (spec 7.2)."""
-        from .prompts import reconstruct_cond_batch, reconstruct_multicond_batch
-
-        conds_list, _ = reconstruct_multicond_batch(c, 0)
-        return {"cond": lambda step: as_cond_dict(reconstruct_multicond_batch(c, step)[1]),
-                "uncond": lambda step: as_cond_dict(reconstruct_cond_batch(uc, step)),
-                "conds_list": conds_list}
-
-    # -- sampler ------------------------------------------------------------------------------------------------
-
-    CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
-    CHURN_LABELS = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
-
-    def sampler_kwargs(self, function) -> dict[str, Any]:
-        """Keyword options A1111 passes to a k-diffusion function, taken from p or the options (spec 6.5).
-
-        eta: p.eta, else opts.eta_ancestral (infotext "Eta" when != 1). s_churn/s_tmin/s_tmax/s_noise: p's value,
-        else the option; A1111's quirk kept: an option that differs from the sampler default (0, 0, inf, 1) wins
-        over p's value and is written to the infotext ("Sigma churn", ...).
-        """
-        params = inspect.signature(function).parameters
-        kw = {}
-        if "eta" in params:
-            kw["eta"] = self.eta if self.eta is not None else self.opts.eta_ancestral
-            if kw["eta"] != 1.0:
-                self.extra_generation_params["Eta"] = kw["eta"]
-        for name in self.sampler.extra_params:
+        o, params, kw = self.opts, {}, {}
+        timestep = sampler.kind == "timestep"
+        discard = sampler.discard_next_to_last_sigma or o.always_discard_next_to_last_sigma
+        if not timestep:
+            schedule = pipeline.inner_denoiser(model, sampler)
+            if o.sigma_min and o.sigma_min != float(schedule.sigma_min):
+                params["Schedule min sigma"] = o.sigma_min
+            if o.sigma_max and o.sigma_max != float(schedule.sigma_max):
+                params["Schedule max sigma"] = o.sigma_max
+            name = sampler.scheduler if scheduler in (None, "automatic", "Automatic") else scheduler
+            entry = schedules.find_scheduler(name) if name else None
+            if o.rho and entry is not None and entry.default_rho is not None and o.rho != entry.default_rho:
+                params["Schedule rho"] = o.rho
+            if o.always_discard_next_to_last_sigma and not sampler.discard_next_to_last_sigma:
+                params["Discard penultimate sigma"] = True
+            if entry is not None and entry.name == "beta":
+                params["Beta schedule alpha"] = o.beta_dist_alpha
+                params["Beta schedule beta"] = o.beta_dist_beta
+            if img2img and o.img2img_extra_noise > 0:
+                params["Extra noise"] = o.img2img_extra_noise
+            if entry is not None:
+                params["Schedule type"] = entry.label
+        s_min_uncond = self.s_min_uncond if self.s_min_uncond is not None else o.s_min_uncond
+        if not timestep and s_min_uncond > 0:
+            params["NGMS"] = s_min_uncond
+        if "eta" in sampler.extra_params:
+            default, label, neutral = (o.eta_ddim, "Eta DDIM", 0.0) if timestep else (o.eta_ancestral, "Eta", 1.0)
+            kw["eta"] = self.eta if self.eta is not None else default
+            if kw["eta"] != neutral:
+                params[label] = kw["eta"]
+        for name in sampler.extra_params:
             if name == "eta":
                 continue
-            option = getattr(self.opts, name)
+            option = getattr(o, name)
             if name == "s_tmax" and option == 0:
                 option = float("inf")
             value = getattr(self, name)
-            if option != self.CHURN_DEFAULTS.get(name, option):
+            if option != CHURN_DEFAULTS.get(name, option):
                 value = option
-                self.extra_generation_params[self.CHURN_LABELS[name]] = option
+                params[CHURN_LABELS[name]] = option
             kw[name] = option if value is None else value
-        if self.sampler.solver_type and "solver_type" in params:
-            kw["solver_type"] = self.sampler.solver_type
-        return kw
+        return pipeline.SamplerOptions(
+            sampler_kwargs=kw, s_min_uncond=s_min_uncond if not timestep else 0.0,
+            sigma_min=o.sigma_min or (0.1 if o.use_old_karras_scheduler_sigmas else None),
+            sigma_max=o.sigma_max or (10.0 if o.use_old_karras_scheduler_sigmas else None), rho=o.rho or None,
+            discard_next_to_last_sigma=discard, beta_alpha=o.beta_dist_alpha, beta_beta=o.beta_dist_beta,
+            extra_noise=o.img2img_extra_noise), params
 
-    def get_sigmas(self, steps: int) -> torch.Tensor:
-        """Noise levels for `steps` (spec 10.2): `steps + 1` values ending in 0 for most schedulers.
+    def prompt_params(self, prompts: list[str], negative_prompts: list[str]) -> dict[str, Any]:
+        """Infotext keys of prompt encoding (A1111 `setup_conds`): old timelines, non-default emphasis in use."""
+        params = {}
+        if self.opts.use_old_scheduling:
+            params["Old prompt editing timelines"] = True
+        if self.opts.emphasis != "Original" and any("(" in t or "[" in t for t in prompts + negative_prompts):
+            params["Emphasis"] = self.opts.emphasis
+        return params
 
-        Option overrides that change the schedule are written to the infotext as A1111 does ("Schedule min sigma",
-        "Schedule max sigma", "Schedule rho", "Discard penultimate sigma").
-        """
-        sd, o, extra = self.sd_model, self.opts, self.extra_generation_params
-        sched = self.denoiser_schedule()
-        sigma_min = o.sigma_min or (0.1 if o.use_old_karras_scheduler_sigmas else None)
-        sigma_max = o.sigma_max or (10.0 if o.use_old_karras_scheduler_sigmas else None)
-        if o.sigma_min and o.sigma_min != float(sched.sigma_min):
-            extra["Schedule min sigma"] = o.sigma_min
-        if o.sigma_max and o.sigma_max != float(sched.sigma_max):
-            extra["Schedule max sigma"] = o.sigma_max
-        name = self.sampler.scheduler if self.scheduler in (None, "automatic", "Automatic") else self.scheduler
-        default_rho = schedules.find_scheduler(name).default_rho if name else None
-        if o.rho and default_rho is not None and o.rho != default_rho:
-            extra["Schedule rho"] = o.rho
-        discard = self.sampler.discard_next_to_last_sigma or o.always_discard_next_to_last_sigma
-        if o.always_discard_next_to_last_sigma and not self.sampler.discard_next_to_last_sigma:
-            extra["Discard penultimate sigma"] = True
-        return schedules.get_sigmas(self.scheduler or "automatic", steps, sched,
-                                    default_scheduler=self.sampler.scheduler, discard_next_to_last_sigma=discard,
-                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=o.rho or None,
-                                    is_sdxl=sd.family.name.startswith("sdxl"))
+    def refiner_params(self, refiner: pipeline.Refiner | None, record: SamplingPass) -> dict[str, Any]:
+        if refiner is None or record.refiner_switch_call is None:
+            return {}
+        return {"Refiner": f"{refiner.model.name} [{refiner.model.shorthash()}]",
+                "Refiner switch at": self.refiner_switch_at}
 
-    def denoiser_schedule(self):
-        """The model wrapper whose sigma table the schedulers read (LCM has its own 50-level table)."""
-        return self.make_inner_denoiser()
-
-    def make_inner_denoiser(self) -> CompVisDenoiser:
-        """k-diffusion model wrapper: eps/v CompVisDenoiser, or A1111's LCM denoiser for the "LCM" sampler."""
-        sd = self.sd_model
-        alphas = sd.alphas_cumprod.to(sd.device)
-        if self.sampler.denoiser == "lcm":
-            if sd.family.prediction != "eps":
-                raise NotImplementedError("the LCM sampler supports eps-prediction models only")
-            return LCMCompVisDenoiser(sd.apply_model, alphas)
-        return CompVisDenoiser(sd.apply_model, alphas, prediction=sd.family.prediction)
-
-    def noise_sampler(self, x: torch.Tensor, sigmas: torch.Tensor, noise: rng.ImageRNG, seeds: list[int]):
-        """Per-step noise: the image RNG's next draw (A1111's randn_like proxy), or a per-image Brownian tree."""
-        if self.sampler.brownian_noise:
-            from .sampling.samplers import BrownianTreeNoiseSampler
-
-            positive = sigmas[sigmas > 0]
-            return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seeds=seeds)
-        return lambda sigma, sigma_next: noise.next().to(x.dtype)
-
-    def img2img_image_conditioning(self, source: torch.Tensor, latent: torch.Tensor, image_mask: Image.Image | None,
-                                   seeds: list[int]) -> torch.Tensor | None:
-        """c_concat for 9-channel inpainting UNets (spec 5.1): [B, 1 + 4, h, w] = mask, masked-image latent.
-
-        `source` [B,3,H,W] in [-1,1]. cmask is the processing mask (1 = regenerate), rounded when mask_round; the
-        masked image is lerp(source, source * (1 - cmask), inpainting_mask_weight); the mask goes to latent size by
-        nearest interpolation. Returns None for models without image conditioning.
-        """
-        if self.sd_model.family.conditioning == "edit":
-            # instruct-pix2pix: the posterior mean of the source, without scale_factor (spec 5)
-            sd = self.sd_model
-            return torch.cat([sd.vae.encode(px[None].to(sd.device, sd.vae_dtype)).mode() for px in source]).float()
-        if self.sd_model.family.conditioning != "hybrid":
-            return None
-        self.is_using_inpainting_conditioning = True
-        if image_mask is not None:
-            cmask = torch.from_numpy(np.asarray(image_mask.convert("L"), dtype=np.float32) / 255.0)
-            cmask = cmask[None, None].to(source.device)
-            if self.mask_round:
-                cmask = torch.round(cmask)
-        else:
-            cmask = source.new_ones(1, 1, *source.shape[-2:])
-        masked = torch.lerp(source, source * (1.0 - cmask), self.opts.inpainting_mask_weight)
-        masked_latent = self.encode_first_stage(masked, seeds)
-        cmask = F.interpolate(cmask, size=latent.shape[-2:]).expand(latent.shape[0], -1, -1, -1)
-        return torch.cat([cmask, masked_latent], dim=1).to(latent.dtype)
-
-    def txt2img_image_conditioning(self, x: torch.Tensor, seeds: list[int]) -> torch.Tensor | None:
-        """c_concat for txt2img with a 9-channel model (spec 5.1): a ones mask and the latent of a 0.5-grey image."""
-        if self.sd_model.family.conditioning == "edit":
-            raise NotImplementedError("txt2img with an instruct-pix2pix (edit) model is not supported; use img2img")
-        if self.sd_model.family.conditioning != "hybrid":
-            return None
-        grey = x.new_zeros(x.shape[0], 3, x.shape[2] * 8, x.shape[3] * 8)  # 0.5 in [0,1] is 0 in [-1,1]
-        return self.img2img_image_conditioning(grey, x, None, seeds)
-
-    def run_kdiffusion_sampler(self, noise, steps, t_enc, cond_args, noise_rng, seeds, callback, disable):
-        """k-diffusion img2img (spec 6.3): slice the sigmas, noise the init latent to sigma_sched[0], sample."""
-        sigmas = self.get_sigmas(steps).to(self.sd_model.device)
-        sigma_sched = schedules.img2img_sigmas(sigmas, steps, t_enc)
-        xi = self.init_latent + noise * sigma_sched[0]
-        if self.opts.img2img_extra_noise > 0:
-            self.extra_generation_params["Extra noise"] = self.opts.img2img_extra_noise
-            xi = xi + noise * self.opts.img2img_extra_noise
-        return self.launch_sampling(xi, sigma_sched, sigmas, t_enc + 1, cond_args, noise_rng, seeds, callback,
-                                    disable)
-
-    def launch_sampling(self, x, sigma_sched, sigmas, n_steps, cond_args, noise_rng, seeds, callback, disable):
-        """Run the k-diffusion function over `sigma_sched` from `x` with CFG and the mask blend."""
-        info = self.sampler
-        self.record_schedule_type()
-        model = self.traced(self.guided_model(self.make_inner_denoiser, info.total_steps(n_steps)))
-        s_min_uncond = self.s_min_uncond if self.s_min_uncond is not None else self.opts.s_min_uncond
-        if s_min_uncond > 0:
-            self.extra_generation_params["NGMS"] = s_min_uncond
-        extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning,
-                      "s_min_uncond": s_min_uncond}
-        fn = info.function
-        params = inspect.signature(fn).parameters
-        kw = self.sampler_kwargs(fn)
-        if "sigma_min" in params:  # DPM fast / adaptive take a sigma range, not a schedule (spec 6.3 step 3)
-            kw.update(sigma_min=sigma_sched[-2], sigma_max=sigma_sched[0])
-            if "n" in params:
-                kw["n"] = len(sigma_sched) - 1
-            args = (model, x)
-        else:
-            args = (model, x, sigma_sched)
-        return fn(*args, extra_args=extra_args, callback=callback, disable=disable,
-                  noise_sampler=self.noise_sampler(x, sigmas, noise_rng, seeds), **kw)
-
-    def run_timestep_sampler(self, noise, steps, t_enc, cond_args, noise_rng, seeds, callback, disable):
-        """DDIM / PLMS / UniPC img2img (spec 6.4): noise to abar[timesteps[t_enc]], mask blended before each call."""
-        from .sampling.timesteps import get_timesteps, img2img_start
-
-        sd, info = self.sd_model, self.sampler
-        alphas = sd.alphas_cumprod.to(sd.device)
-        timesteps = get_timesteps(steps, info.discard_next_to_last_sigma, device=sd.device)
-        xi, ts = img2img_start(self.init_latent, noise, timesteps, t_enc, alphas, self.opts.img2img_extra_noise)
-        return self.launch_timestep_sampling(xi, ts, cond_args, noise_rng, callback, disable, is_img2img=True)
-
-    def launch_timestep_sampling(self, x, timesteps, cond_args, noise_rng, callback, disable, is_img2img):
-        """Run DDIM / DDIM CFG++ / PLMS / UniPC over the ascending DDPM `timesteps` from `x` (spec 6.4): the model
-        returns eps, the mask is blended into x before each call, DDIM's eta noise comes from the image RNG."""
-        from .sampling.timesteps import TIMESTEP_SAMPLERS, CompVisTimestepsDenoiser
-
-        sd, info = self.sd_model, self.sampler
-        alphas = sd.alphas_cumprod.to(sd.device)
-
-        def inner():
-            return CompVisTimestepsDenoiser(self.sd_model.apply_model, self.sd_model.alphas_cumprod.to(sd.device),
-                                            prediction=self.sd_model.family.prediction)
-
-        model = self.traced(self.guided_model(inner, len(timesteps), mask_before_denoising=True))
-        extra_args = {**cond_args, "cond_scale": self.cfg_scale, "image_cond": self.image_conditioning}
-        fn = TIMESTEP_SAMPLERS[info.name]
-        params = inspect.signature(fn).parameters
-        kw = {}
-        if "eta" in params:
-            kw["eta"] = self.eta if self.eta is not None else self.opts.eta_ddim
-            if kw["eta"] != 0.0:
-                self.extra_generation_params["Eta DDIM"] = kw["eta"]
-            kw["noise_sampler"] = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)
-        if "is_img2img" in params:
-            kw["is_img2img"] = is_img2img
-        return fn(model, x, timesteps, alphas, extra_args=extra_args, callback=callback, disable=disable, **kw)
-
-    def guided_model(self, make_inner, total_steps: int, mask_before_denoising: bool = False):
-        """The CFG denoiser as the sampler's `model(x, sigma, **extra_args)`, with the explicit call index.
-
-        With a refiner (`refiner_checkpoint`), the first call whose noise level has passed `refiner_switch_at`
-        swaps in the refiner for the rest of the run, as A1111 v1.10 `apply_refiner` does: the completed ratio is
-        `(999 - t) / 1000` with t the discrete timestep nearest to max(sigma); the conditioning is re-encoded with
-        the refiner's text encoders (prompt schedules keep counting calls), and it has no image conditioning.
-        """
-        def build():
-            return CFGDenoiser(make_inner(), mask=self.mask, nmask=self.nmask, init_latent=self.init_latent,
-                               image_cfg_scale=getattr(self, "image_cfg_scale", None),
-                               is_edit_model=self.sd_model.family.conditioning == "edit",
-                               mask_before_denoising=mask_before_denoising)
-
-        state = {"cfg": build(), "args": {}}
-        calls = iter(range(1 << 62))
-
-        def call(x, sigma, **extra_args):
-            if self.refiner is not None and self.sd_model is not self.refiner and self.refiner_due(sigma, state):
-                self.sd_model = self.refiner
-                c, uc = self.setup_conds(*self.batch_prompts)
-                state["cfg"] = build()
-                state["args"] = {**self.cond_extra_args(c, uc), "image_cond": None}
-                self.extra_generation_params["Refiner"] = f"{self.refiner.name} [{self.refiner.shorthash()}]"
-                self.extra_generation_params["Refiner switch at"] = self.refiner_switch_at
-            return state["cfg"](x, sigma, step=next(calls), total_steps=total_steps,
-                                **{**extra_args, **state["args"]})
-
-        return call
-
-    def refiner_due(self, sigma: torch.Tensor, state) -> bool:
-        """Whether the completed ratio `(999 - t) / 1000` has reached `refiner_switch_at` (A1111 v1.10)."""
-        inner = state["cfg"].inner
-        if hasattr(inner, "sigmas"):
-            t = int(torch.argmin((inner.sigmas.to(sigma.device) - sigma.max()).abs()))
-        else:  # timestep samplers pass timesteps
-            t = int(sigma.max())
-        return (999 - t) / 1000 >= self.refiner_switch_at
-
-    def traced(self, model):
-        """`model`, reporting every call to `self.model_callback` (if set) as a k-diffusion-style dict:
-        {"i": call index, "x": input [B,C,h,w], "sigma"/"sigma_hat": sigma (or timestep) of image 0,
-        "denoised": output}. Unlike the sampler callback (once per step) this sees second-order sub-steps too."""
-        report = getattr(self, "model_callback", None)
-        if report is None:
-            return model
-        calls = iter(range(1 << 62))
-
-        def call(x, sigma, **kwargs):
-            out = model(x, sigma, **kwargs)
-            denoised = out[0] if isinstance(out, tuple) else out
-            report({"i": next(calls), "x": x, "sigma": sigma[0], "sigma_hat": sigma[0], "denoised": denoised})
-            return out
-
-        return call
-
-    def record_schedule_type(self) -> None:
-        """Infotext "Schedule type": the resolved label unless Automatic resolves to nothing (spec 9.3)."""
-        automatic = self.scheduler in (None, "automatic", "Automatic")
-        if not automatic or self.sampler.scheduler:
-            name = self.sampler.scheduler if automatic else self.scheduler
-            self.extra_generation_params["Schedule type"] = schedules.find_scheduler(name).label
+    def infotext(self, index: int, job: Job, params: dict[str, Any]) -> str:
+        """The A1111 "parameters" text of image `index` (a1111-semantics §9.3)."""
+        sd, o = self.sd_model, self.opts
+        resize = (self.seed_resize_from_w, self.seed_resize_from_h)
+        eta = self.eta if self.eta is not None else o.eta_ancestral
+        return infotext.create_infotext(
+            job.prompts[index], job.negative_prompts[index], steps=self.steps, sampler=job.sampler.name,
+            scheduler=job.scheduler or "Automatic", cfg_scale=self.cfg_scale, image_cfg_scale=job.image_cfg_scale,
+            seed=job.seeds[index], width=self.width, height=self.height, model_hash=sd.shorthash(), model=sd.name,
+            vae_hash=sd.vae_shorthash(), vae=sd.vae_name,
+            subseed=job.subseeds[index] if self.subseed_strength else None,
+            subseed_strength=self.subseed_strength or None,
+            seed_resize_from=resize if min(resize) > 0 else None,
+            conditional_mask_weight=o.inpainting_mask_weight if sd.family.conditioning == "hybrid" else None,
+            clip_skip=o.CLIP_stop_at_last_layers if o.CLIP_stop_at_last_layers > 1 else None,
+            ensd=o.eta_noise_seed_delta if o.eta_noise_seed_delta and job.sampler.uses_ensd and eta != 0 else None,
+            rng=o.randn_source if o.randn_source != "GPU" else None, extra=params, version=VERSION)
 
 
-def as_cond_dict(cond) -> dict[str, torch.Tensor]:
-    """CFGDenoiser's cond format: a text tensor [N,T,C] becomes {"c_crossattn": it}; dicts pass through."""
-    return dict(cond) if isinstance(cond, dict) else {"c_crossattn": cond}
+CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+CHURN_LABELS = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """What `process_images` resolved once per job, without touching the job object: the sampler row and
+    scheduler, the per-image prompts and seeds (batch_size * n_iter, a1111-semantics §8.1), the effective batch
+    size (several init images make a batch of their own size), the refiner, and `image_cfg_scale` (kept for
+    instruct-pix2pix models only)."""
+
+    sampler: SamplerInfo
+    scheduler: str | None
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+    batch_size: int
+    refiner: pipeline.Refiner | None
+    image_cfg_scale: float | None
 
 
 def _expand(value: str | list[str], n: int, name: str) -> list[str]:
@@ -579,16 +332,17 @@ def _expand(value: str | list[str], n: int, name: str) -> list[str]:
 
 @dataclass
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
-    """img2img and inpainting (A1111 `StableDiffusionProcessingImg2Img`, spec 1-2, 6).
+    """img2img and inpainting (A1111 `StableDiffusionProcessingImg2Img`, a1111-semantics §1-2, §6).
 
-    Fields (spec 1): `init_images` list of PIL images (any size; resized per `resize_mode` 0 just resize,
+    Fields (a1111-semantics §1): `init_images` list of PIL images (any size; resized per `resize_mode` 0 just resize,
     1 crop and resize, 2 resize and fill, 3 just resize in latent space); `denoising_strength` in [0, 1];
     `mask` PIL image, white (255) = regenerate, black = keep (RGBA: its alpha, when not fully opaque);
     `mask_blur_x/y` Gaussian sigma in pixels (`mask_blur` sets both); `inpainting_fill` 0 fill, 1 original,
     2 latent noise, 3 latent nothing; `inpaint_full_res` True = "Only masked" with `inpaint_full_res_padding` pixels;
-    `inpainting_mask_invert` 1 = inpaint what is not masked; `image_cfg_scale` for instruct-pix2pix only.
-    After `init()`: `init_latent` [B,4,h,w], `mask` / `nmask` [1 or B,4,h,w] (keep / regenerate weights),
-    `image_conditioning` [B,5,h,w] for 9-channel models else None, `overlay_images`, `mask_for_overlay`.
+    `inpainting_mask_invert` 1 = inpaint what is not masked; `image_cfg_scale` for instruct-pix2pix only;
+    `mask_blend`: the per-step mask blend strategy, a name of `sampling.blends.BLENDS` ("a1111", "xt",
+    "soft_inpainting", "differential") or a `MaskBlend` object (sdcore's field; A1111 selects soft inpainting with
+    its script). The run's intermediate tensors (init_latent, mask, nmask, image_conditioning) are in `Processed`.
     """
 
     init_images: list | None = None
@@ -607,29 +361,28 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
     initial_noise_multiplier: float | None = None
     latent_mask: Any = None
     force_task_id: str | None = None
-
-    image_mask: Any = field(default=None, init=False)
-    nmask: torch.Tensor | None = field(default=None, init=False)
-    image_conditioning: torch.Tensor | None = field(default=None, init=False)
-    init_img_hash: str | None = field(default=None, init=False)
-    mask_for_overlay: Image.Image | None = field(default=None, init=False)
-    init_latent: torch.Tensor | None = field(default=None, init=False)
+    mask_blend: Any = "a1111"
 
     def __post_init__(self):
         super().__post_init__()
-        self.image_mask = self.mask
-        self.mask = None
         if self.mask_blur is not None:
             self.mask_blur_x = self.mask_blur_y = self.mask_blur
         if self.initial_noise_multiplier is None:
             self.initial_noise_multiplier = self.opts.initial_noise_multiplier
-        if self.force_task_id is not None:
-            self.extra_generation_params["Task ID"] = self.force_task_id
+
+    @property
+    def image_mask(self) -> Image.Image | None:
+        """A1111's name for the user's mask (`mask`)."""
+        return self.mask
 
     @property
     def mask_blur_value(self) -> int | None:
         """A1111's `mask_blur` property: the blur when x == y, else None."""
         return self.mask_blur_x if self.mask_blur_x == self.mask_blur_y else None
+
+    def blend(self) -> MaskBlend:
+        """The mask blend strategy of `mask_blend` (a name or a MaskBlend)."""
+        return make_blend(self.mask_blend) if isinstance(self.mask_blend, str) else self.mask_blend
 
     def validate(self) -> None:
         super().validate()
@@ -655,126 +408,71 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
                 raise ValueError(f"{name}: {v!r}; must be >= 0 (pixels)")
         if self.inpainting_mask_invert not in (0, 1, False, True):
             raise ValueError(f"inpainting_mask_invert: {self.inpainting_mask_invert!r}; allowed: 0, 1")
-        if self.image_mask is not None and not isinstance(self.image_mask, Image.Image):
-            raise TypeError(f"mask: {type(self.image_mask).__name__}; must be a PIL.Image.Image")
-        if self.image_mask is not None and self.image_mask.size != self.init_images[0].size:
-            raise ValueError(f"mask: size {self.image_mask.size} differs from init_images[0] size "
+        if self.mask is not None and not isinstance(self.mask, Image.Image):
+            raise TypeError(f"mask: {type(self.mask).__name__}; must be a PIL.Image.Image")
+        if self.mask is not None and self.mask.size != self.init_images[0].size:
+            raise ValueError(f"mask: size {self.mask.size} differs from init_images[0] size "
                              f"{self.init_images[0].size}")
+        self.blend()
 
-    # -- init (spec 2) -------------------------------------------------------------------------------------------
+    def effective_batch_size(self) -> int:
+        """Several init images make a batch of their own size (A1111 `init`), one image is repeated."""
+        n = len(self.init_images)
+        return n if 1 < n <= self.batch_size else self.batch_size
 
-    def init(self, all_prompts: list[str], all_seeds: list[int], all_subseeds: list[int]) -> None:
-        """Prepare init_latent, the masks, overlays and image conditioning (spec 2, in the reference's order)."""
-        sd = self.sd_model
-        self.extra_generation_params["Denoising strength"] = self.denoising_strength
-        if self.image_cfg_scale is not None and sd.family.conditioning != "edit":
-            self.image_cfg_scale = None
-        crop_region = None
-        image_mask = self.image_mask
-        if image_mask is not None:
-            image_mask = images.create_binary_mask(image_mask, round=self.mask_round)
-            if self.inpainting_mask_invert:
-                image_mask = ImageOps.invert(image_mask)
-                self.extra_generation_params["Mask mode"] = "Inpaint not masked"
-            if self.mask_blur_x > 0 or self.mask_blur_y > 0:
-                image_mask = images.blur_mask(image_mask, self.mask_blur_x, self.mask_blur_y)
-                self.extra_generation_params["Mask blur"] = self.mask_blur_value
-            if self.inpaint_full_res:
-                self.mask_for_overlay = image_mask
-                crop_region = images.get_crop_region_v2(image_mask, self.inpaint_full_res_padding)
-                if crop_region is not None:
-                    crop_region = images.expand_crop_region(crop_region, self.width, self.height,
-                                                            image_mask.width, image_mask.height)
-                    x1, y1, x2, y2 = crop_region
-                    image_mask = images.resize_image(2, image_mask.crop(crop_region), self.width, self.height)
-                    self.paste_to = (x1, y1, x2 - x1, y2 - y1)
-                    self.extra_generation_params["Inpaint area"] = "Only masked"
-                    self.extra_generation_params["Masked area padding"] = self.inpaint_full_res_padding
-                else:
-                    image_mask = None
-                    self.mask_for_overlay = None
-                    self.inpaint_full_res = False
-                    self.comments["blank mask"] = ('Unable to perform "Inpaint Only mask" because mask is blank, '
-                                                   "switch to img2img mode.")
-            else:
-                image_mask = images.resize_image(self.resize_mode, image_mask, self.width, self.height)
-                self.mask_for_overlay = images.double_mask_for_overlay(image_mask)
-            self.overlay_images = []
-        self.image_mask = image_mask
-        latent_mask = self.latent_mask if self.latent_mask is not None else image_mask
+    def masking(self) -> pipeline.MaskOptions:
+        return pipeline.MaskOptions(
+            mask_blur_x=self.mask_blur_x, mask_blur_y=self.mask_blur_y, mask_round=self.mask_round,
+            inpainting_fill=self.inpainting_fill, inpaint_full_res=self.inpaint_full_res,
+            inpaint_full_res_padding=self.inpaint_full_res_padding,
+            inpainting_mask_invert=bool(self.inpainting_mask_invert),
+            inpainting_mask_weight=self.opts.inpainting_mask_weight, overlay=self.opts.overlay_inpaint,
+            latent_mask=self.latent_mask)
 
-        if self.opts.img2img_color_correction and self.color_corrections is None:
-            self.color_corrections = []
-        imgs = []
-        for img in self.init_images:
-            self.init_img_hash = hashlib.md5(img.tobytes()).hexdigest()
-            image = images.flatten(img, self.opts.img2img_background_color)
-            if crop_region is None and self.resize_mode != 3:
-                image = images.resize_image(self.resize_mode, image, self.width, self.height)
-            if image_mask is not None:
-                overlay_mask = self.mask_for_overlay
-                if overlay_mask.size != image.size:
-                    overlay_mask = images.resize_image(self.resize_mode, overlay_mask, image.width, image.height)
-                    overlay_mask = overlay_mask.convert("L")
-                self.overlay_images.append(images.make_overlay(image, overlay_mask))
-            if crop_region is not None:
-                image = images.resize_image(2, image.crop(crop_region), self.width, self.height)
-            if image_mask is not None and self.inpainting_fill != 1:
-                image = images.fill(image, latent_mask.convert("L"))
-                if self.inpainting_fill == 0:
-                    self.extra_generation_params["Masked content"] = "fill"
-            if self.color_corrections is not None:
-                self.color_corrections.append(images.setup_color_correction(image))
-            imgs.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
-
-        if len(imgs) == 1:
-            imgs = imgs * self.batch_size
-            if self.overlay_images:
-                self.overlay_images = self.overlay_images * self.batch_size
-            if self.color_corrections:
-                self.color_corrections = self.color_corrections * self.batch_size
-        elif len(imgs) <= self.batch_size:
-            self.batch_size = len(imgs)
-        else:
-            raise RuntimeError(f"bad number of images passed: {len(imgs)}; expecting {self.batch_size} or less")
-
-        pixels = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
-        source = (2.0 * pixels - 1.0).to(sd.device)
-        self.init_latent = self.encode_first_stage(source, all_seeds)
-        if self.resize_mode == 3:
-            self.init_latent = F.interpolate(self.init_latent, size=(self.height // 8, self.width // 8),
-                                             mode="bilinear")
-        if image_mask is not None:
-            h, w = self.init_latent.shape[2:]
-            latmask = images.latent_mask(latent_mask, w, h, round=self.mask_round).to(sd.device)
-            latmask = latmask.expand(1, self.init_latent.shape[1], h, w).float()
-            self.mask = 1.0 - latmask
-            self.nmask = latmask
-            if self.inpainting_fill == 2:
-                noise = rng.ImageRNG(tuple(self.init_latent.shape[1:]), all_seeds[: self.init_latent.shape[0]],
-                                     source=self.opts.randn_source, device=sd.device).next()
-                self.init_latent = self.init_latent * self.mask + noise.float() * self.nmask
-                self.extra_generation_params["Masked content"] = "latent noise"
-            elif self.inpainting_fill == 3:
-                self.init_latent = self.init_latent * self.mask
-                self.extra_generation_params["Masked content"] = "latent nothing"
-        self.image_conditioning = self.img2img_image_conditioning(source, self.init_latent, image_mask, all_seeds)
-
-    # -- sample (spec 6) -----------------------------------------------------------------------------------------
-
-    def sample(self, c, uc, seeds: list[int], subseeds: list[int], noise_rng: rng.ImageRNG, prompts=None,
-               negative_prompts=None, callback=None, disable_progress: bool | None = None) -> torch.Tensor:
-        """Latents [B,4,h,w] for this iteration's images (spec 6.1-6.4)."""
-        x = noise_rng.next().float()
+    def run_batch(self, job: Job, seeds: list[int], subseeds: list[int], prompts: list[str],
+                  negative_prompts: list[str], callback, model_callback, disable_progress):
+        """One pipeline.img2img call; returns (Result, infotext keys in A1111's order)."""
+        options, sampler_params = self.sampler_options(self.sd_model, job.sampler, job.scheduler, img2img=True)
+        options = dataclasses.replace(options, initial_noise_multiplier=self.initial_noise_multiplier,
+                                      fix_steps=self.opts.img2img_fix_steps)
+        blend = self.blend()
+        result = pipeline.img2img(
+            self.sd_model, self.init_images, self.mask, prompts, negative_prompts, sampler=job.sampler,
+            scheduler=job.scheduler, steps=self.steps, denoising_strength=self.denoising_strength,
+            cfg_scale=self.cfg_scale, seeds=self.seeds_of(seeds, subseeds), width=self.width, height=self.height,
+            blend=blend, resize_mode=self.resize_mode, masking=self.masking(), options=options,
+            text=self.text_options(), image_cfg_scale=job.image_cfg_scale,
+            background_color=self.opts.img2img_background_color, color_correction=self.opts.img2img_color_correction,
+            vae_sample=self.opts.vae_encode_sample, init_seeds=job.seeds[:job.batch_size], refiner=job.refiner,
+            callback=callback, model_callback=model_callback, disable_progress=disable_progress)
+        params = self.init_params(result.plan)
+        if result.nmask is not None:
+            params.update(blend.infotext())
+        params.update(self.prompt_params(prompts, negative_prompts))
         if self.initial_noise_multiplier != 1.0:
-            self.extra_generation_params["Noise multiplier"] = self.initial_noise_multiplier
-            x = x * self.initial_noise_multiplier
-        steps, t_enc = schedules.setup_img2img_steps(self.steps, self.denoising_strength, self.opts.img2img_fix_steps)
-        run = self.run_timestep_sampler if self.sampler.kind == "timestep" else self.run_kdiffusion_sampler
-        samples = run(x, steps, t_enc, self.cond_extra_args(c, uc), noise_rng, seeds, callback, disable_progress)
-        if self.mask is not None:
-            samples = samples * self.nmask + self.init_latent * self.mask
-        return samples
+            params["Noise multiplier"] = self.initial_noise_multiplier
+        params.update(sampler_params)
+        params.update(self.refiner_params(job.refiner, result.plan.passes[0]))
+        return result, params
+
+    def init_params(self, plan: Plan) -> dict[str, Any]:
+        """Infotext keys of the input preparation, in A1111's order (`StableDiffusionProcessingImg2Img.init`)."""
+        params: dict[str, Any] = {}
+        if self.force_task_id is not None:
+            params["Task ID"] = self.force_task_id
+        params["Denoising strength"] = self.denoising_strength
+        if self.mask is None:
+            return params
+        if self.inpainting_mask_invert:
+            params["Mask mode"] = "Inpaint not masked"
+        if self.mask_blur_x > 0 or self.mask_blur_y > 0:
+            params["Mask blur"] = self.mask_blur_value
+        if plan.paste_to is not None:
+            params["Inpaint area"] = "Only masked"
+            params["Masked area padding"] = self.inpaint_full_res_padding
+        if not plan.blank_mask and self.inpainting_fill != 1:
+            params["Masked content"] = ["fill", None, "latent noise", "latent nothing"][self.inpainting_fill]
+        return params
 
 
 @dataclass
@@ -785,7 +483,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     `hr_scale` (or to `hr_resize_x` x `hr_resize_y` pixels) in latent space (`hr_upscaler` "Latent",
     "Latent (nearest)", "Latent (antialiased)", "Latent (bicubic)", ...) or in pixel space (any other name:
     decode, PIL Lanczos/nearest resize, encode), then denoised again as img2img with `denoising_strength` and
-    `hr_second_pass_steps` (0 = `steps`) as an explicit step count (spec 6.2: the fix-steps rule).
+    `hr_second_pass_steps` (0 = `steps`) as an explicit step count (a1111-semantics §6.2: the fix-steps rule):
+    two pipeline calls, `pipeline.txt2img` then `pipeline.hires_fix`.
     """
 
     enable_hr: bool = False
@@ -804,10 +503,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     hr_negative_prompt: str = ""
     force_task_id: str | None = None
 
-    LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
-                        "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
-                        "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
-    PIXEL_UPSCALERS = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+    LATENT_UPSCALERS = pipeline.LATENT_UPSCALERS
+    PIXEL_UPSCALERS = pipeline.PIXEL_UPSCALERS
 
     def validate(self) -> None:
         super().validate()
@@ -839,87 +536,72 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             return self.hr_resize_y * self.width // self.height, self.hr_resize_y
         return self.hr_resize_x, self.hr_resize_y
 
-    def init(self, all_prompts: list[str], all_seeds: list[int], all_subseeds: list[int]) -> None:
-        """Record the hires-fix parameters in the infotext (txt2img has no images or masks to prepare)."""
+    def effective_batch_size(self) -> int:
+        return self.batch_size
+
+    def hr_sampler(self, job: Job) -> tuple[SamplerInfo, str | None]:
+        """The hires pass's sampler and scheduler (A1111 `sample_hr_pass`): hr_sampler_name / hr_scheduler, a
+        scheduler carried in hr_sampler_name, else the first pass's."""
+        if not (self.hr_sampler_name or self.hr_scheduler):
+            return job.sampler, job.scheduler
+        sampler, from_name = find_sampler(self.hr_sampler_name or job.sampler.name)
+        return sampler, self.hr_scheduler or from_name or job.scheduler
+
+    def init_params(self) -> dict[str, Any]:
+        """Infotext keys of the hires fix settings (A1111 `StableDiffusionProcessingTxt2Img.init`)."""
+        params: dict[str, Any] = {}
         if self.enable_hr:
-            extra = self.extra_generation_params
-            extra["Denoising strength"] = self.denoising_strength
+            params["Denoising strength"] = self.denoising_strength
             if self.hr_resize_x or self.hr_resize_y:
                 w, h = self.hr_size()
-                extra["Hires resize"] = f"{w}x{h}"
+                params["Hires resize"] = f"{w}x{h}"
             else:
-                extra["Hires upscale"] = self.hr_scale
+                params["Hires upscale"] = self.hr_scale
             if self.hr_second_pass_steps:
-                extra["Hires steps"] = self.hr_second_pass_steps
-            extra["Hires upscaler"] = self.hr_upscaler or "Latent"
+                params["Hires steps"] = self.hr_second_pass_steps
+            params["Hires upscaler"] = self.hr_upscaler or "Latent"
+        return params
 
-    def sample(self, c, uc, seeds: list[int], subseeds: list[int], noise_rng: rng.ImageRNG, prompts=None,
-               negative_prompts=None, callback=None, disable_progress: bool | None = None) -> torch.Tensor:
-        """Latents of the first pass (from noise), then of the hires pass when enabled."""
-        x = noise_rng.next().float()
-        self.image_conditioning = self.txt2img_image_conditioning(x, seeds)
-        cond_args = self.cond_extra_args(c, uc)
-        if self.sampler.kind == "timestep":
-            from .sampling.timesteps import get_timesteps
-
-            timesteps = get_timesteps(self.steps, self.sampler.discard_next_to_last_sigma, device=x.device)
-            samples = self.launch_timestep_sampling(x, timesteps, cond_args, noise_rng, callback, disable_progress,
-                                                    is_img2img=False)
-        else:
-            sigmas = self.get_sigmas(self.steps).to(x.device)
-            samples = self.launch_sampling(x * sigmas[0], sigmas, sigmas, self.steps, cond_args, noise_rng, seeds,
-                                           callback, disable_progress)
+    def run_batch(self, job: Job, seeds: list[int], subseeds: list[int], prompts: list[str],
+                  negative_prompts: list[str], callback, model_callback, disable_progress):
+        """pipeline.txt2img, then pipeline.hires_fix when enabled; returns (Result, infotext keys in order)."""
+        batch_seeds, text = self.seeds_of(seeds, subseeds), self.text_options()
+        options, sampler_params = self.sampler_options(self.sd_model, job.sampler, job.scheduler, img2img=False)
+        first = pipeline.txt2img(
+            self.sd_model, prompts, negative_prompts, sampler=job.sampler, scheduler=job.scheduler, steps=self.steps,
+            cfg_scale=self.cfg_scale, seeds=batch_seeds, width=self.width, height=self.height, options=options,
+            text=text, refiner=job.refiner, decode_images=not self.enable_hr, callback=callback,
+            model_callback=model_callback, disable_progress=disable_progress)
+        params = {**self.init_params(), **self.prompt_params(prompts, negative_prompts), **sampler_params,
+                  **self.refiner_params(job.refiner, first.plan.passes[0])}
         if not self.enable_hr:
-            return samples
-        return self.sample_hr_pass(samples, seeds, subseeds, prompts, negative_prompts, callback, disable_progress)
-
-    def sample_hr_pass(self, samples, seeds, subseeds, prompts, negative_prompts, callback, disable_progress):
-        """Upscale the first-pass latents and denoise them again as img2img (A1111 `sample_hr_pass`)."""
-        w, h = self.hr_size()
-        upscaler = self.hr_upscaler or "Latent"
-        if upscaler in self.LATENT_UPSCALERS:
-            mode, antialias = self.LATENT_UPSCALERS[upscaler]
-            samples = F.interpolate(samples, size=(h // 8, w // 8), mode=mode, antialias=antialias)
-            source = None
-        else:
-            decoded = [im.resize((w, h), self.PIXEL_UPSCALERS[upscaler]) for im in self.decode_first_stage(samples)]
-            px = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255.0 for im in decoded]))
-            source = (2.0 * px.permute(0, 3, 1, 2) - 1.0).to(samples.device)
-            samples = self.encode_first_stage(source, seeds)
-        if self.sd_model.family.conditioning == "hybrid":
-            if source is None:
-                px = [torch.from_numpy(np.asarray(im, np.float32) / 255.0) for im in self.decode_first_stage(samples)]
-                source = (2.0 * torch.stack(px).permute(0, 3, 1, 2) - 1.0).to(samples.device)
-            self.image_conditioning = self.img2img_image_conditioning(source, samples, None, seeds)
-        else:
-            self.image_conditioning = None
-        self.init_latent = samples
-        hr_rng = rng.ImageRNG(tuple(samples.shape[1:]), seeds, subseeds=subseeds,
-                              subseed_strength=self.subseed_strength, seed_resize_from_h=self.seed_resize_from_h,
-                              seed_resize_from_w=self.seed_resize_from_w, source=self.opts.randn_source,
-                              device=samples.device, eta_noise_seed_delta=self.opts.eta_noise_seed_delta)
-        noise = hr_rng.next().float()
-        hr_steps = self.hr_second_pass_steps or self.steps
-        base = (self.sampler, self.scheduler)
+            return first, params
+        sampler, scheduler = self.hr_sampler(job)
         if self.hr_sampler_name or self.hr_scheduler:
-            self.sampler, scheduler = find_sampler(self.hr_sampler_name or self.sampler.name)
-            self.scheduler = self.hr_scheduler or scheduler or self.scheduler
-            self.extra_generation_params["Hires sampler"] = self.sampler.name
-            if self.hr_scheduler:
-                self.extra_generation_params["Hires schedule type"] = schedules.find_scheduler(self.hr_scheduler).label
-        try:
-            if self.hr_prompt:
-                self.extra_generation_params["Hires prompt"] = self.hr_prompt
-            if self.hr_negative_prompt:
-                self.extra_generation_params["Hires negative prompt"] = self.hr_negative_prompt
-            hr_prompts = [self.hr_prompt or p for p in prompts]
-            hr_negative = [self.hr_negative_prompt or p for p in negative_prompts]
-            c, uc = self.setup_conds(hr_prompts, hr_negative, hires_steps=self.sampler.total_steps(hr_steps))
-            steps, t_enc = schedules.setup_img2img_steps(hr_steps, self.denoising_strength, fix_steps=True)
-            run = self.run_timestep_sampler if self.sampler.kind == "timestep" else self.run_kdiffusion_sampler
-            return run(noise, steps, t_enc, self.cond_extra_args(c, uc), hr_rng, seeds, callback, disable_progress)
-        finally:
-            self.sampler, self.scheduler = base
+            params["Hires sampler"] = sampler.name
+        if self.hr_scheduler:
+            params["Hires schedule type"] = schedules.find_scheduler(self.hr_scheduler).label
+        if self.hr_prompt:
+            params["Hires prompt"] = self.hr_prompt
+        if self.hr_negative_prompt:
+            params["Hires negative prompt"] = self.hr_negative_prompt
+        hr_prompts = [self.hr_prompt or p for p in prompts]
+        hr_negative = [self.hr_negative_prompt or p for p in negative_prompts]
+        refiner = None if first.plan.refiner_switched else job.refiner
+        hr_options, hr_params = self.sampler_options(first.model, sampler, scheduler, img2img=True)
+        width, height = self.hr_size()
+        second = pipeline.hires_fix(
+            first.model, first.latents, hr_prompts, hr_negative, sampler=sampler, scheduler=scheduler,
+            steps=self.hr_second_pass_steps or self.steps, first_pass_steps=self.steps,
+            denoising_strength=self.denoising_strength, cfg_scale=self.cfg_scale, seeds=batch_seeds, width=width,
+            height=height, cond_size=(self.width, self.height), upscaler=self.hr_upscaler or "Latent", options=hr_options, text=text,
+            vae_sample=self.opts.vae_encode_sample, refiner=refiner, callback=callback, model_callback=model_callback,
+            disable_progress=disable_progress)
+        params.update(self.prompt_params(hr_prompts, hr_negative))
+        params.update(hr_params)
+        params.update(self.refiner_params(refiner, second.plan.passes[0]))
+        second.plan = dataclasses.replace(second.plan, passes=first.plan.passes + second.plan.passes)
+        return second, params
 
 
 @dataclass
@@ -927,9 +609,10 @@ class Processed:
     """Result of `process_images` (A1111 `Processed`): images and what made them.
 
     `images`: PIL RGB images, one per prompt (batch_size * n_iter); `seeds`/`subseeds`/`prompts`/`infotexts`
-    aligned with them; `paths` where they were saved (empty when not saved). The internal state of the last
-    iteration is kept for inspection: `init_latent`, `mask`, `nmask`, `image_conditioning` (tensors),
-    `overlay_images`, `mask_for_overlay` (PIL).
+    aligned with them; `paths` where they were saved (empty when not saved); `plans`: the `Plan` of each batch
+    (t_enc, sigma slice, model calls, crop box, mask coverage). The intermediate state of the last batch is kept for
+    inspection: `init_latent`, `mask`, `nmask`, `image_conditioning` (tensors), `overlay_images`,
+    `mask_for_overlay` (PIL), `paste_to` (x, y, w, h) of "Only masked".
     """
 
     images: list[Image.Image]
@@ -940,12 +623,14 @@ class Processed:
     infotexts: list[str]
     paths: list[Path]
     comments: dict
+    plans: list[Plan] = field(default_factory=list)
     init_latent: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     nmask: torch.Tensor | None = None
     image_conditioning: torch.Tensor | None = None
     overlay_images: list | None = None
     mask_for_overlay: Image.Image | None = None
+    paste_to: tuple[int, int, int, int] | None = None
 
     @property
     def seed(self) -> int:
@@ -956,74 +641,55 @@ class Processed:
         return self.infotexts[0]
 
 
-def create_infotext(p: StableDiffusionProcessing, index: int) -> str:
-    """The A1111 "parameters" text of image `index` (spec 9.3)."""
-    sd = p.sd_model
-    resize = (p.seed_resize_from_w, p.seed_resize_from_h)
-    return infotext.create_infotext(
-        p.all_prompts[index], p.all_negative_prompts[index], steps=p.steps, sampler=p.sampler.name,
-        scheduler=p.scheduler or "Automatic", cfg_scale=p.cfg_scale, image_cfg_scale=getattr(p, "image_cfg_scale", None),
-        seed=p.all_seeds[index], width=p.width, height=p.height, model_hash=sd.shorthash(), model=sd.name,
-        vae_hash=sd.vae_shorthash(), vae=sd.vae_name,
-        subseed=p.all_subseeds[index] if p.subseed_strength else None,
-        subseed_strength=p.subseed_strength or None,
-        seed_resize_from=resize if min(resize) > 0 else None,
-        conditional_mask_weight=p.opts.inpainting_mask_weight if p.is_using_inpainting_conditioning else None,
-        clip_skip=p.opts.CLIP_stop_at_last_layers if p.opts.CLIP_stop_at_last_layers > 1 else None,
-        ensd=p.opts.eta_noise_seed_delta if p.opts.eta_noise_seed_delta and p.sampler.uses_ensd
-        and (p.eta if p.eta is not None else p.opts.eta_ancestral) != 0 else None,
-        rng=p.opts.randn_source if p.opts.randn_source != "GPU" else None,
-        extra=p.extra_generation_params, version=VERSION)
+def resolve_job(p: StableDiffusionProcessing) -> Job:
+    """Everything `process_images` decides once per job (a1111-semantics §9 step 1): sampler and scheduler, seeds
+    (-1 resolved to a random seed), per-image prompts, the effective batch size, the loaded refiner."""
+    sampler, scheduler = p.resolve_sampler()
+    n = p.batch_size * p.n_iter
+    seeds, subseeds = rng.seed_lists(rng.get_fixed_seed(p.seed), rng.get_fixed_seed(p.subseed), p.subseed_strength,
+                                     p.batch_size, p.n_iter)
+    image_cfg_scale = getattr(p, "image_cfg_scale", None)
+    if p.sd_model.family.conditioning != "edit":
+        image_cfg_scale = None
+    return Job(sampler, scheduler, _expand(p.prompt, n, "prompt"), _expand(p.negative_prompt, n, "negative_prompt"),
+               seeds, subseeds, p.effective_batch_size(), p.load_refiner(), image_cfg_scale)
 
 
 def process_images(p: StableDiffusionProcessing, callback=None, disable_progress: bool | None = None,
                    model_callback=None) -> Processed:
-    """Run a whole job: validate, init once, then n_iter iterations of sample -> decode -> overlay -> save.
+    """Run a whole job: validate, resolve seeds and prompts once, then n_iter batches of pipeline call -> infotext
+    -> save (a1111-semantics §9). `p` and its model are not changed.
 
-    Follows `process_images_inner` (spec 9). Images are saved (never overwriting) when `p.outpath_samples` is
-    set and `do_not_save_samples` is False. `callback` receives k-diffusion's per-step dict; `model_callback`
-    receives one dict per model (CFG denoiser) call, e.g. a `sdcore.sampling.samplers.TraceRecorder`.
+    Images are saved (never overwriting) when `p.outpath_samples` is set and `do_not_save_samples` is False.
+    `callback` receives k-diffusion's per-step dict; `model_callback` receives one dict per model (CFG denoiser)
+    call, e.g. a `sdcore.sampling.samplers.TraceRecorder`.
     """
-    p.model_callback = model_callback
     p.validate()
-    p.sampler, scheduler = find_sampler(p.sampler_name or "DPM++ 2M")
-    if scheduler is not None and p.scheduler in (None, "automatic", "Automatic"):
-        p.scheduler = scheduler
-    p.setup_prompts()
-    p.setup_seeds()
-    sd = p.sd_model
-    out_images, infotexts, paths = [], [], []
-    try:
-        with torch.inference_mode():
-            p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
-            for n in range(p.n_iter):
-                sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
-                seeds, subseeds = p.all_seeds[sl], p.all_subseeds[sl]
-                noise_rng = p.make_rng(seeds, subseeds)
-                p.batch_prompts = (p.all_prompts[sl], p.all_negative_prompts[sl])
-                c, uc = p.setup_conds(*p.batch_prompts)
-                samples = p.sample(c, uc, seeds, subseeds, noise_rng, prompts=p.all_prompts[sl],
-                                   negative_prompts=p.all_negative_prompts[sl], callback=callback,
-                                   disable_progress=disable_progress)
-                decoded = p.decode_first_stage(samples.to(sd.device))  # the refiner's VAE after a switch, as A1111
-                p.sd_model = sd
-                for i, image in enumerate(decoded):
-                    index = n * p.batch_size + i
-                    if p.color_corrections is not None and i < len(p.color_corrections):
-                        image = images.apply_color_correction(p.color_corrections[i], image)
-                    if p.overlay_images is not None and p.opts.overlay_inpaint and i < len(p.overlay_images):
-                        image = images.apply_overlay(image, p.paste_to, p.overlay_images[i])
-                    text = create_infotext(p, index)
-                    if p.outpath_samples and not p.do_not_save_samples:
-                        paths.append(images.save_image(image, p.outpath_samples, p.all_seeds[index], text,
-                                                        date_subfolder=p.opts.save_to_dirs))
-                    out_images.append(image)
-                    infotexts.append(text)
-    finally:
-        p.sd_model = sd  # a refiner switch replaced it for the rest of the run
-    return Processed(images=out_images, seeds=list(p.all_seeds), subseeds=list(p.all_subseeds),
-                     prompts=list(p.all_prompts), negative_prompts=list(p.all_negative_prompts),
-                     infotexts=infotexts, paths=paths, comments=dict(p.comments),
-                     init_latent=getattr(p, "init_latent", None), mask=getattr(p, "mask", None),
-                     nmask=getattr(p, "nmask", None), image_conditioning=getattr(p, "image_conditioning", None),
-                     overlay_images=p.overlay_images, mask_for_overlay=getattr(p, "mask_for_overlay", None))
+    job = resolve_job(p)
+    params = dict(p.extra_generation_params)
+    comments = dict(p.comments)
+    out_images, infotexts, paths, plans, result = [], [], [], [], None
+    b = job.batch_size
+    with torch.inference_mode():
+        for n in range(p.n_iter):
+            sl = slice(n * b, (n + 1) * b)
+            result, batch_params = p.run_batch(job, job.seeds[sl], job.subseeds[sl], job.prompts[sl],
+                                               job.negative_prompts[sl], callback, model_callback, disable_progress)
+            params.update(batch_params)
+            plans.append(result.plan)
+            if result.plan.blank_mask:
+                comments["blank mask"] = ('Unable to perform "Inpaint Only mask" because mask is blank, '
+                                          "switch to img2img mode.")
+            for i, image in enumerate(result.images):
+                index = n * b + i
+                text = p.infotext(index, job, params)
+                if p.outpath_samples and not p.do_not_save_samples:
+                    paths.append(images.save_image(image, p.outpath_samples, job.seeds[index], text,
+                                                    date_subfolder=p.opts.save_to_dirs))
+                out_images.append(image)
+                infotexts.append(text)
+    return Processed(images=out_images, seeds=list(job.seeds), subseeds=list(job.subseeds), prompts=list(job.prompts),
+                     negative_prompts=list(job.negative_prompts), infotexts=infotexts, paths=paths, comments=comments,
+                     plans=plans, init_latent=result.init_latent, mask=result.mask, nmask=result.nmask,
+                     image_conditioning=result.image_conditioning, overlay_images=result.overlay_images,
+                     mask_for_overlay=result.mask_for_overlay, paste_to=result.plan.paste_to)

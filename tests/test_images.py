@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import datetime
 
+import cv2
 import numpy as np
 import pytest
 import scipy.ndimage
 import torch
 from PIL import Image
-from skimage import color as skcolor
 from skimage import data as skdata
+from skimage import exposure
 
 from sdcore import images
 
@@ -400,25 +401,94 @@ def test_set_luminosity_hand_vectors():
     assert out.min() >= -1e-12
 
 
-def test_rgb_to_lab_u8_reference_points_and_float_cie():
-    points = np.array([[255, 255, 255], [0, 0, 0], [255, 0, 0], [128, 128, 128]], np.uint8)
-    # White/black: L* 100/0, a* = b* = 0. Red (sRGB): L* 53.24, a* 80.09, b* 67.20 -> 136, 208, 195.
-    np.testing.assert_array_equal(images.rgb_to_lab_u8(points), [[255, 128, 128], [0, 128, 128], [136, 208, 195],
-                                                                 [137, 128, 128]])
+def _blendmodes_2022_luminosity(background: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """blendmodes 2022 `blendLayers(background, foreground, LUMINOSITY)` of two opaque uint8 RGB arrays, restated.
+
+    `imageIntToFloat` (/255), `luminosity = _setLum(background, _lum(foreground))` with its per-pixel ClipColor loop
+    (min, max and Lum taken before either clip; the second clip sees the first one's result), the alpha composite
+    (both alphas 1: `0 * bg + 0 * fg + 1 * blend`), `np.clip` to [0, 1] and `imageFloatToInt` (`* 255`, truncated).
+    """
+    bg, fg = background / 255, foreground / 255
+
+    def lum(c):
+        return (c[:, :, 0] * 0.299) + (c[:, :, 1] * 0.587) + (c[:, :, 2] * 0.114)
+
+    colours = bg.copy()
+    delta = lum(fg) - lum(colours)
+    for k in range(3):
+        colours[:, :, k] += delta
+    lums, mins, maxs = lum(colours), colours.min(axis=2), colours.max(axis=2)
+    for i in range(colours.shape[0]):
+        for j in range(colours.shape[1]):
+            c, l = colours[i][j], lums[i, j]
+            if mins[i, j] < 0:
+                colours[i][j] = l + (((c - l) * l) / (l - mins[i, j]))
+            if maxs[i, j] > 1:
+                colours[i][j] = l + (((c - l) * (1 - l)) / (maxs[i, j] - l))
+    composed = 0.0 * bg + 0.0 * fg + 1.0 * colours
+    return (np.clip(composed, 0, 1) * 255).astype(np.uint8)
+
+
+def _a1111_color_correction(init: np.ndarray, generated: np.ndarray) -> np.ndarray:
+    """A1111 v1.10.1 `setup_color_correction` + `apply_color_correction` on uint8 RGB arrays, from the libraries."""
+    correction = cv2.cvtColor(init, cv2.COLOR_RGB2LAB)
+    corrected = cv2.cvtColor(exposure.match_histograms(cv2.cvtColor(generated, cv2.COLOR_RGB2LAB), correction,
+                                                       channel_axis=2), cv2.COLOR_LAB2RGB).astype("uint8")
+    return _blendmodes_2022_luminosity(corrected, generated)
+
+
+def test_setup_color_correction_is_opencv_8bit_lab():
+    # White/black: L* 100/0, a* = b* = 0. Red (sRGB): L* 53.24, a* 80.09, b* 67.20 -> 136, 208, 195. Grey 128: L* 53.59.
+    points = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0], [128, 128, 128]]], np.uint8)
+    lab = images.setup_color_correction(Image.fromarray(points))
+    assert lab.dtype == np.uint8 and lab.shape == (1, 4, 3)
+    np.testing.assert_array_equal(lab, [[[255, 128, 128], [0, 128, 128], [136, 208, 195], [137, 128, 128]]])
     rng = np.random.default_rng(3)
-    rgb = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
-    lab = skcolor.rgb2lab(rgb)
-    ref = np.clip(np.round(np.stack([lab[..., 0] * 2.55, lab[..., 1] + 128, lab[..., 2] + 128], -1)), 0, 255)
-    diff = np.abs(images.rgb_to_lab_u8(rgb).astype(int) - ref).reshape(-1, 3).max(0)
-    assert diff[0] <= 1 and diff[1] <= 3 and diff[2] <= 3  # fixed point vs float CIE formulas
+    rgb = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    lab = images.setup_color_correction(Image.fromarray(rgb))
+    assert lab.shape == (48, 80, 3)
+    np.testing.assert_array_equal(lab, cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB))  # 0 levels
 
 
-def test_lab_u8_to_rgb_reference_points_and_grey_axis():
-    lab = np.array([[[255, 128, 128], [0, 128, 128], [136, 208, 195]]], np.uint8)
-    np.testing.assert_allclose(images.lab_u8_to_rgb(lab).astype(int), [[[255, 255, 255], [0, 0, 0], [255, 0, 0]]],
-                               atol=2)
-    grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)[None]
-    assert np.abs(images.lab_u8_to_rgb(images.rgb_to_lab_u8(grey)).astype(int) - grey).max() <= 1
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_color_correction_lab_round_trip_is_opencv_exactly(seed):
+    # An image corrected against itself: match_histograms is then the identity, so the corrected layer is the plain
+    # 8-bit LAB round trip, which must be OpenCV's (RGB2LAB then LAB2RGB) to the level.
+    rgb = np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    np.testing.assert_array_equal(exposure.match_histograms(lab, lab, channel_axis=2), lab)
+    round_trip = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    assert np.abs(round_trip.astype(int) - rgb).max() > 0  # the round trip is lossy, so this test can tell
+    pil = Image.fromarray(rgb)
+    out = np.asarray(images.apply_color_correction(images.setup_color_correction(pil), pil))
+    np.testing.assert_array_equal(out, _blendmodes_2022_luminosity(round_trip, rgb))  # 0 levels
+
+
+def test_color_correction_lab_to_rgb_of_uniform_lab_vectors_is_opencv():
+    # A uniform generated image matched to a uniform correction takes the correction's LAB value, so the corrected
+    # layer is LAB2RGB of that vector: white, black, sRGB red, and LAB triples far outside the sRGB gamut.
+    vectors = [(255, 128, 128), (0, 128, 128), (136, 208, 195), (128, 0, 255), (255, 255, 0), (0, 255, 255)]
+    generated = np.full((4, 6, 3), (90, 140, 200), np.uint8)
+    for v in vectors:
+        correction = np.full((3, 5, 3), v, np.uint8)
+        out = np.asarray(images.apply_color_correction(correction, Image.fromarray(generated)))
+        corrected = np.broadcast_to(cv2.cvtColor(np.array([[v]], np.uint8), cv2.COLOR_LAB2RGB), generated.shape)
+        np.testing.assert_array_equal(out, _blendmodes_2022_luminosity(corrected, generated), err_msg=str(v))
+
+
+def test_apply_color_correction_equals_a1111_chain():
+    # Different sizes for init and generated images; a photo and a noisy colour cast.
+    init = np.asarray(Image.fromarray(skdata.coffee()).resize((72, 48), Image.Resampling.BICUBIC))
+    rng = np.random.default_rng(11)
+    generated = np.clip(rng.normal((100, 110, 160), 40, (40, 64, 3)), 0, 255).astype(np.uint8)
+    out = images.apply_color_correction(images.setup_color_correction(Image.fromarray(init)),
+                                        Image.fromarray(generated))
+    assert out.mode == "RGB" and out.size == (64, 40)
+    np.testing.assert_array_equal(np.asarray(out), _a1111_color_correction(init, generated))
+    astronaut = np.asarray(Image.fromarray(skdata.astronaut()).resize((64, 64), Image.Resampling.BICUBIC))
+    out = images.apply_color_correction(images.setup_color_correction(Image.fromarray(astronaut)),
+                                        Image.fromarray(init))
+    np.testing.assert_array_equal(np.asarray(out), _a1111_color_correction(astronaut, init))
 
 
 def test_color_correction_moves_hue_towards_init_and_keeps_luminosity():

@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import rect_mask
 from sdcore import Options, StableDiffusionProcessingImg2Img, process_images
-from sdcore import images, rng
+from sdcore import images, pipeline, rng
+from sdcore.sampling.samplers import find_sampler
 
 SIZE = 64
 BOX = (16, 24, 40, 48)
@@ -106,8 +107,8 @@ def test_resize_modes(sd1_tiny, coffee, mode):
     assert processed.images[0].size == (64, 64)
     assert processed.init_latent.shape == (1, 4, 8, 8)
     if mode == 3:
-        direct = p.encode_first_stage(2 * torch.from_numpy(np.asarray(coffee.resize((96, 64)), np.float32) / 255)
-                                      .permute(2, 0, 1)[None] - 1, [99])
+        direct = pipeline.encode(sd1_tiny, 2 * torch.from_numpy(np.asarray(coffee.resize((96, 64)), np.float32) / 255)
+                                 .permute(2, 0, 1)[None] - 1, [99])
         assert torch.allclose(processed.init_latent, F.interpolate(direct, size=(8, 8), mode="bilinear"), atol=1e-5)
 
 
@@ -157,8 +158,9 @@ def test_blank_mask_with_only_masked_falls_back_to_img2img(sd1_tiny, photo):
 
 def test_image_cfg_scale_dropped_for_non_edit_models(sd1_tiny, photo):
     p = job(sd1_tiny, photo, image_cfg_scale=1.5)
-    process_images(p)
-    assert p.image_cfg_scale is None
+    processed = process_images(p)
+    assert p.image_cfg_scale == 1.5  # the job is not changed; the run drops it
+    assert "Image CFG scale" not in processed.info
 
 
 def test_eta_noise_seed_delta_changes_only_per_step_noise(sd1_tiny, photo):
@@ -206,10 +208,10 @@ def test_eta_and_churn_options_follow_a1111(sd1_tiny, photo):
     p = job(sd1_tiny, photo, sampler_name="Euler a", eta=0.5)
     assert "Eta: 0.5" in process_images(p).info
     p = job(sd1_tiny, photo, sampler_name="Euler", s_churn=0.3, opts=Options(s_churn=0.7))
-    assert p.sampler_kwargs is not None
     info = process_images(p).info
     assert "Sigma churn: 0.7" in info
-    assert p.sampler_kwargs(p.sampler.function)["s_churn"] == 0.7
+    options, params = p.sampler_options(sd1_tiny, find_sampler("Euler")[0], None, img2img=True)
+    assert options.sampler_kwargs["s_churn"] == 0.7 and params["Sigma churn"] == 0.7
     p = job(sd1_tiny, photo, sampler_name="DDIM", eta=0.3)
     assert "Eta DDIM: 0.3" in process_images(p).info
 

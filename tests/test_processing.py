@@ -74,7 +74,7 @@ def test_only_masked_pastes_back_at_original_size(sd1_tiny, astronaut):
     assert processed.images[0].size == astronaut.size
     # spec 2.2.4 / 3.2: bbox (200,100,260,180) grown by 8 -> (192,92,268,188), expanded to the 1:1 aspect
     # -> x grows by int(96*1 - 76) = 20: (182, 92, 278, 188).
-    assert p.paste_to == (182, 92, 96, 96)
+    assert processed.paste_to == (182, 92, 96, 96) and processed.plans[0].crop_region == (182, 92, 278, 188)
     outside = np.ones(src.shape[:2], bool)
     outside[box[1]:box[3], box[0]:box[2]] = False
     assert np.array_equal(out[outside], src[outside])
@@ -167,7 +167,7 @@ def test_prompt_editing_switches_conditioning_at_the_scheduled_call(sd1_tiny, ph
     monkeypatch.setattr(sd1_tiny, "apply_model", spy)
     p = job(sd1_tiny, photo, prompt="[cat:dog:0.5]", sampler_name="Euler", steps=6, denoising_strength=1.0)
     process_images(p)
-    cat, dog = p.encode_texts(["cat", "dog"])
+    cat, dog = sd1_tiny.encode_texts(["cat", "dog"])
     assert len(seen) == 6
     assert all(torch.equal(s, cat) for s in seen[:4]) and all(torch.equal(s, dog) for s in seen[4:])
 

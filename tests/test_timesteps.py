@@ -7,11 +7,16 @@ computes its coefficients in float32, we compute them in float64, which accounts
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler, UniPCMultistepScheduler
 
-from sdcore.sampling.denoisers import CFGDenoiser, sd_alphas_cumprod
+from sdcore import pipeline
+from sdcore.sampling.blends import A1111Blend, BlendContext
+from sdcore.sampling.denoisers import CFGDenoiser, DiscreteSchedule, sd_alphas_cumprod, with_call_index
+from sdcore.sampling.samplers import find_sampler
 from sdcore.sampling.timesteps import (CompVisTimestepsDenoiser, get_timesteps, img2img_start, sample_ddim,
                                        sample_ddim_cfgpp, sample_plms, sample_unipc)
 
@@ -256,7 +261,13 @@ def test_mask_blended_before_each_call():
         seen.append(x[:2].clone())
         return EpsModel()(x, t)
 
-    cfg = CFGDenoiser(inner, mask=mask, nmask=1 - mask, init_latent=init, mask_before_denoising=True)
+    model = SimpleNamespace(alphas_cumprod=ac, device=torch.device("cpu"), apply_model=inner,
+                            family=SimpleNamespace(prediction="eps", conditioning=None))
     cond = {"c_crossattn": torch.zeros(2, 3, 4)}
-    sample_ddim(cfg, _latent(9), get_timesteps(5), ac, extra_args={"cond": cond, "uncond": cond, "cond_scale": 5.0})
+    conds = pipeline.Conds(lambda step: cond, lambda step: cond, [[(0, 1.0)], [(1, 1.0)]])
+    grid = get_timesteps(5)
+    ctx = BlendContext(init, mask, 1 - mask, torch.zeros_like(init), torch.tensor([2.0, 1.0, 0.0]),
+                       DiscreteSchedule(ac).sigma_to_t)
+    denoiser = pipeline.guided_denoiser(model, find_sampler("DDIM")[0], conds, None, A1111Blend(), ctx, None, 0.0)
+    sample_ddim(with_call_index(denoiser, len(grid)), _latent(9), grid, ac, extra_args={"cond_scale": 5.0})
     assert len(seen) == 4 and all(torch.equal(s[..., :3], init[..., :3]) for s in seen)

@@ -251,15 +251,6 @@ class LCMCompVisDenoiser(CompVisDenoiser):
     __call__ = forward
 
 
-def blend_denoised(current: Tensor, init_latent: Tensor, mask: Tensor, nmask: Tensor) -> Tensor:
-    """A1111's inpainting blend: `current * nmask + init_latent * mask` (new tensor, inputs unchanged).
-
-    `current` and `init_latent` [B,C,h,w]; `mask` (1 = keep the original) and `nmask` (1 = regenerate, = 1 - mask)
-    broadcast to them, e.g. [1,1,h,w] or [B,C,h,w]. Source: A1111 `CFGDenoiser.forward.apply_blend` (spec 7 step 3).
-    """
-    return current * nmask + init_latent * mask
-
-
 def combine_denoised(x_out: Tensor, uncond_out: Tensor, conds_list: Sequence[Sequence[tuple[int, float]]],
                      cond_scale: float) -> Tensor:
     """Classifier-free guidance with AND-composition (composable diffusion, Liu et al. 2022).
@@ -294,57 +285,17 @@ def _cat_conds(conds: Sequence[Cond]) -> dict[str, Tensor]:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
-def _slice_cond(cond: Cond, a: int, b: int) -> dict[str, Tensor]:
-    return {k: v[a:b] for k, v in cond.items()}
-
-
-def pad_cond_uncond_v0(cond: Tensor, uncond: Tensor) -> Tensor:
-    """Make `uncond` [B,Tu,C] as long as `cond` [N,Tc,C]: repeat uncond's last token vector, or truncate.
-
-    Source: A1111 `CFGDenoiser.pad_cond_uncond_v0` (option "Pad conds v0", the pre-1.6 DDIM behaviour; spec 7
-    step 6). Returns the new uncond [B,Tc,C].
-    """
-    if uncond.shape[1] < cond.shape[1]:
-        return torch.cat([uncond, uncond[:, -1:].expand(-1, cond.shape[1] - uncond.shape[1], -1)], dim=1)
-    return uncond[:, :cond.shape[1]]
-
-
-def pad_cond_uncond(cond: Tensor, uncond: Tensor, empty_chunk: Tensor) -> tuple[Tensor, Tensor]:
-    """Append whole empty-prompt chunks `empty_chunk` [1,77,C] to the shorter of `cond` [N,Tc,C] / `uncond` [B,Tu,C].
-
-    The number of chunks is `(Tc - Tu) // 77` (floor division, so a length gap that is not a multiple of the chunk
-    leaves them unequal, as in the reference). Source: A1111 `CFGDenoiser.pad_cond_uncond` (option "Pad conds").
-    """
-    num_repeats = (cond.shape[1] - uncond.shape[1]) // empty_chunk.shape[1]
-    if num_repeats < 0:
-        cond = torch.cat([cond, empty_chunk.repeat(cond.shape[0], -num_repeats, 1)], dim=1)
-    elif num_repeats > 0:
-        uncond = torch.cat([uncond, empty_chunk.repeat(uncond.shape[0], num_repeats, 1)], dim=1)
-    return cond, uncond
-
-
-PAD_MODES = (None, "v0", "empty")
-
-
 @dataclass
 class CFGDenoiser:
-    """Classifier-free guidance around a denoiser, with A1111's img2img/inpainting blend (spec 7).
+    """Classifier-free guidance around a denoiser (a1111-semantics §7); the mask blend lives in `sampling/blends.py`.
 
     `inner(x [R,C,h,w], sigma [R], **cond) -> [R,C,h,w]`: a `CompVisDenoiser` (k-diffusion samplers, outputs
     denoised) or an eps model taking timesteps (timestep samplers, outputs eps); guidance is linear so both work.
+    `image_cfg_scale`, `is_edit_model`: InstructPix2Pix; edit mode iff is_edit_model and image_cfg_scale is not None
+    and != 1.0 (then AND prompts are refused).
 
-    Fields:
-    - `mask`, `nmask`: latent masks (1 = keep / 1 = regenerate), broadcastable to x; both or neither.
-    - `init_latent` [B,C,h,w]: the un-noised init latent (required with a mask, and for the edit model's zero image).
-    - `image_cfg_scale`, `is_edit_model`: InstructPix2Pix; edit mode iff is_edit_model and image_cfg_scale is not None
-      and != 1.0 (then AND prompts are refused).
-    - `mask_before_denoising`: False = blend `denoised` after CFG (k-diffusion samplers); True = blend the input x
-      before the model call (A1111's timestep samplers DDIM/PLMS/UniPC, spec 6.4).
-    - `batch_cond_uncond`: True = cond and uncond rows in one model call when token lengths match; False = calls of
-      B rows. With unequal lengths cond rows and uncond rows always go in separate calls.
-    - `pad_cond_uncond`: None, "v0" (`pad_cond_uncond_v0`) or "empty" (`pad_cond_uncond`, needs `empty_chunk`).
-    - `skip_early_cond`: fraction of calls at the start without uncond ("Skip Early CFG"; 0 = off).
-    - `s_min_uncond_all`: NGMS on every call, not only odd ones.
+    Batching (A1111 with batch_cond_uncond on, pad conds off): cond and uncond rows go in one model call when their
+    token lengths match, else cond rows and uncond rows in two calls.
 
     Call index: the denoiser holds no step counter. `forward` takes `step` (0-based index of this model evaluation,
     as A1111's `self.step`) and `total_steps` explicitly; the sampling loop supplies them (see `with_call_index`).
@@ -352,46 +303,17 @@ class CFGDenoiser:
     """
 
     inner: Callable[..., Tensor]
-    mask: Tensor | None = None
-    nmask: Tensor | None = None
-    init_latent: Tensor | None = None
     image_cfg_scale: float | None = None
     is_edit_model: bool = False
-    mask_before_denoising: bool = False
-    batch_cond_uncond: bool = True
-    pad_cond_uncond: str | None = None
-    empty_chunk: Tensor | None = None
-    skip_early_cond: float = 0.0
-    s_min_uncond_all: bool = False
-
-    def __post_init__(self):
-        if (self.mask is None) != (self.nmask is None):
-            raise ValueError("mask and nmask must be given together (nmask = 1 - mask)")
-        if self.mask is not None and self.init_latent is None:
-            raise ValueError("init_latent is required when mask is given")
-        if self.pad_cond_uncond not in PAD_MODES:
-            raise ValueError(f"pad_cond_uncond must be one of {PAD_MODES}, got {self.pad_cond_uncond!r}")
-        if self.pad_cond_uncond == "empty" and self.empty_chunk is None:
-            raise ValueError("pad_cond_uncond='empty' needs empty_chunk (the empty prompt's [1,77,C] encoding)")
-        if not 0.0 <= self.skip_early_cond <= 1.0:
-            raise ValueError(f"skip_early_cond must be in [0, 1], got {self.skip_early_cond}")
-        if self.edit_mode and self.skip_early_cond != 0.0:
-            raise ValueError("skip_early_cond is not supported with the edit model (image_cfg_scale != 1)")
 
     @property
     def edit_mode(self) -> bool:
-        """True when three-way InstructPix2Pix guidance is used (spec 7 step 1)."""
+        """True when three-way InstructPix2Pix guidance is used (a1111-semantics §7 step 1)."""
         return self.is_edit_model and self.image_cfg_scale is not None and self.image_cfg_scale != 1.0
 
-    def skips_uncond(self, sigma: Tensor, step: int, total_steps: int | None, s_min_uncond: float) -> bool:
-        """Whether this call drops the uncond rows (spec 7 step 5): Skip Early CFG, else NGMS."""
-        if self.skip_early_cond != 0.0:
-            if total_steps is None or total_steps < 1:
-                raise ValueError(f"skip_early_cond needs total_steps >= 1, got {total_steps}")
-            if step / total_steps <= self.skip_early_cond:
-                return True
-        return bool((step % 2 or self.s_min_uncond_all) and s_min_uncond > 0 and float(sigma[0]) < s_min_uncond
-                    and not self.edit_mode)
+    def skips_uncond(self, sigma: Tensor, step: int, s_min_uncond: float) -> bool:
+        """NGMS (a1111-semantics §7 step 5): odd calls below the `s_min_uncond` sigma drop the uncond rows."""
+        return bool(step % 2 and s_min_uncond > 0 and float(sigma[0]) < s_min_uncond and not self.edit_mode)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: CondSource, uncond: CondSource, cond_scale: float,
                 image_cond: Tensor | None = None, s_min_uncond: float = 0.0,
@@ -406,11 +328,11 @@ class CFGDenoiser:
           latent, or the InstructPix2Pix image latent).
         - `s_min_uncond`: NGMS sigma threshold (0 = off). `conds_list[i]` = [(row, weight), ...] the AND-parts of
           image i; rows must be 0..N-1 in order (default: one row of weight 1 per image).
-        - `step`, `total_steps`: index of this call and the expected number of calls (for `skip_early_cond`).
+        - `step`: index of this call (NGMS acts on odd calls); `total_steps`: the expected number of calls
+          (accepted for the sampler contract, unused by CFG itself).
         - `return_uncond`: also return the uncond rows' output [B,C,h,w] (the first cond row's output on skipped
           calls) — DDIM CFG++ needs it.
-        Returns denoised (or guided eps) [B,C,h,w], blended with `init_latent` after CFG unless
-        `mask_before_denoising`. Raises ValueError on inconsistent shapes.
+        Returns denoised (or guided eps) [B,C,h,w]. Raises ValueError on inconsistent shapes.
         """
         batch = x.shape[0]
         _check_sigma(sigma, x)
@@ -435,11 +357,8 @@ class CFGDenoiser:
         if edit and image_cond is None:
             raise ValueError("the edit model needs image_cond (the image latent)")
 
-        if self.mask_before_denoising and self.mask is not None:
-            x = blend_denoised(x, self.init_latent, self.mask, self.nmask)
-
         repeats = torch.tensor([len(parts) for parts in conds_list], device=x.device)
-        skip = self.skips_uncond(sigma, step, total_steps, s_min_uncond)
+        skip = self.skips_uncond(sigma, step, s_min_uncond)
         # Row layout (spec 7 step 4): cond rows (x[i] once per AND part), then B uncond rows; edit: + B rows with
         # a zero image.
         groups = [(x.repeat_interleave(repeats, 0), sigma.repeat_interleave(repeats, 0),
@@ -452,26 +371,17 @@ class CFGDenoiser:
         image_cond_in = None if image_cond is None else torch.cat([g[2] for g in groups])
 
         text_cond, text_uncond = cond["c_crossattn"], uncond["c_crossattn"]
-        if text_cond.shape[1] != text_uncond.shape[1]:
-            if self.pad_cond_uncond == "v0":
-                text_uncond = pad_cond_uncond_v0(text_cond, text_uncond)
-            elif self.pad_cond_uncond == "empty":
-                text_cond, text_uncond = pad_cond_uncond(text_cond, text_uncond, self.empty_chunk)
-        cond = {**cond, "c_crossattn": text_cond}
-        uncond = {**uncond, "c_crossattn": text_uncond}
-
         if skip:
-            x_out = self._call(x_in, sigma_in, image_cond_in, cond, batch)
+            x_out = self.inner(x_in, sigma_in, **_with_image(cond, image_cond_in))
         else:
             unconds = [uncond, uncond] if edit else [uncond]
             if text_cond.shape[1] == text_uncond.shape[1]:
-                x_out = self._call(x_in, sigma_in, image_cond_in, _cat_conds([cond, *unconds]), batch)
+                x_out = self.inner(x_in, sigma_in, **_with_image(_cat_conds([cond, *unconds]), image_cond_in))
             else:
                 x_out = torch.cat([
-                    self._call(x_in[:n_rows], sigma_in[:n_rows], _rows(image_cond_in, 0, n_rows), cond,
-                               batch),
-                    self._call(x_in[n_rows:], sigma_in[n_rows:], _rows(image_cond_in, n_rows, None),
-                               _cat_conds(unconds), batch),
+                    self.inner(x_in[:n_rows], sigma_in[:n_rows], **_with_image(cond, _rows(image_cond_in, 0, n_rows))),
+                    self.inner(x_in[n_rows:], sigma_in[n_rows:],
+                               **_with_image(_cat_conds(unconds), _rows(image_cond_in, n_rows, None))),
                 ])
 
         out_cond = x_out[:n_rows]
@@ -487,24 +397,14 @@ class CFGDenoiser:
             out_uncond = x_out[n_rows:]
             denoised = combine_denoised(out_cond, out_uncond, conds_list, cond_scale)
 
-        if not self.mask_before_denoising and self.mask is not None:
-            denoised = blend_denoised(denoised, self.init_latent, self.mask, self.nmask)
         return (denoised, out_uncond) if return_uncond else denoised
 
     __call__ = forward
 
-    def _call(self, x_in: Tensor, sigma_in: Tensor, image_cond_in: Tensor | None, cond_in: Cond,
-              batch: int) -> Tensor:
-        """Run `inner` on all rows at once, or in slices of `batch` rows when batch_cond_uncond is False."""
-        size = x_in.shape[0] if self.batch_cond_uncond else batch
-        outs = []
-        for a in range(0, x_in.shape[0], size):
-            b = a + size
-            kwargs = _slice_cond(cond_in, a, b)
-            if image_cond_in is not None:
-                kwargs["c_concat"] = image_cond_in[a:b]
-            outs.append(self.inner(x_in[a:b], sigma_in[a:b], **kwargs))
-        return torch.cat(outs)
+
+def _with_image(cond: Cond, image_cond: Tensor | None) -> dict[str, Tensor]:
+    """The inner model's keyword conditioning: the text dict plus `c_concat` when there is image conditioning."""
+    return dict(cond) if image_cond is None else {**cond, "c_concat": image_cond}
 
 
 def _rows(t: Tensor | None, a: int, b: int | None) -> Tensor | None:
@@ -527,6 +427,5 @@ def with_call_index(denoiser: Callable[..., Tensor], total_steps: int | None = N
 
 
 __all__ = ["sd_alphas_cumprod", "DiscreteSchedule", "CompVisDenoiser", "LCMCompVisDenoiser", "CFGDenoiser",
-           "blend_denoised", "combine_denoised", "combine_denoised_for_edit_model", "pad_cond_uncond", "pad_cond_uncond_v0",
-           "with_call_index"]
+           "combine_denoised", "combine_denoised_for_edit_model", "with_call_index"]
 

@@ -29,7 +29,6 @@ to 1e-6 in float64); Restart and LCM follow A1111 `modules/sd_samplers_extra.py`
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -801,49 +800,49 @@ class SamplerInfo:
     solver_type: str | None = None
     extra_params: tuple[str, ...] = ()
     denoiser: str = "default"
+    sigma_range: bool = False  # DPM fast / adaptive: called with (sigma_min, sigma_max) instead of a schedule
 
     def total_steps(self, steps: int) -> int:
         """Steps as A1111 counts them for prompt editing and CFG fractions (`SamplerData.total_steps`, spec 10.2)."""
         return steps * 2 if self.second_order else steps
 
 
-def _k(name, function, aliases, from_p=(), **options):
-    """A k-diffusion-style row; extra_params = the options A1111 takes from p, plus eta if the function has it."""
-    eta = ("eta",) if "eta" in inspect.signature(function).parameters else ()
-    return SamplerInfo(name, function, tuple(aliases), function.__name__, extra_params=tuple(from_p) + eta,
-                       **options)
+def _k(name, function, aliases, from_p=(), eta=False, **options):
+    """A k-diffusion-style row; extra_params = the options A1111 takes from p, plus "eta" for functions with one."""
+    return SamplerInfo(name, function, tuple(aliases), function.__name__,
+                       extra_params=tuple(from_p) + (("eta",) if eta else ()), **options)
 
 
-def _timestep(name, funcname, aliases):
-    return SamplerInfo(name, None, tuple(aliases), funcname, kind="timestep")
+def _timestep(name, funcname, aliases, eta=False):
+    return SamplerInfo(name, None, tuple(aliases), funcname, kind="timestep", extra_params=("eta",) if eta else ())
 
 
 _S_NOISE = ("s_noise",)
 SAMPLERS: tuple[SamplerInfo, ...] = (
     _k("DPM++ 2M", sample_dpmpp_2m, ["k_dpmpp_2m"], scheduler="karras"),
     _k("DPM++ SDE", sample_dpmpp_sde, ["k_dpmpp_sde"], scheduler="karras", second_order=True, brownian_noise=True,
-       from_p=_S_NOISE),
+       from_p=_S_NOISE, eta=True),
     _k("DPM++ 2M SDE", sample_dpmpp_2m_sde, ["k_dpmpp_2m_sde"], scheduler="exponential", brownian_noise=True,
-       from_p=_S_NOISE),
+       from_p=_S_NOISE, eta=True),
     _k("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde, ["k_dpmpp_2m_sde_heun"], scheduler="exponential",
-       brownian_noise=True, solver_type="heun", from_p=_S_NOISE),
+       brownian_noise=True, solver_type="heun", from_p=_S_NOISE, eta=True),
     _k("DPM++ 2S a", sample_dpmpp_2s_ancestral, ["k_dpmpp_2s_a"], scheduler="karras", uses_ensd=True,
-       second_order=True, from_p=_S_NOISE),
+       second_order=True, from_p=_S_NOISE, eta=True),
     _k("DPM++ 3M SDE", sample_dpmpp_3m_sde, ["k_dpmpp_3m_sde"], scheduler="exponential",
-       discard_next_to_last_sigma=True, brownian_noise=True, from_p=_S_NOISE),
-    _k("Euler a", sample_euler_ancestral, ["k_euler_a", "k_euler_ancestral"], uses_ensd=True),
+       discard_next_to_last_sigma=True, brownian_noise=True, from_p=_S_NOISE, eta=True),
+    _k("Euler a", sample_euler_ancestral, ["k_euler_a", "k_euler_ancestral"], uses_ensd=True, eta=True),
     _k("Euler", sample_euler, ["k_euler"], from_p=CHURN_PARAMS),
     _k("LMS", sample_lms, ["k_lms"]),
     _k("Heun", sample_heun, ["k_heun"], second_order=True, from_p=CHURN_PARAMS),
     _k("DPM2", sample_dpm_2, ["k_dpm_2"], scheduler="karras", discard_next_to_last_sigma=True, second_order=True,
        from_p=CHURN_PARAMS),
     _k("DPM2 a", sample_dpm_2_ancestral, ["k_dpm_2_a"], scheduler="karras", discard_next_to_last_sigma=True,
-       uses_ensd=True, second_order=True, from_p=_S_NOISE),
-    _k("DPM fast", sample_dpm_fast, ["k_dpm_fast"], uses_ensd=True, from_p=_S_NOISE),
-    _k("DPM adaptive", sample_dpm_adaptive, ["k_dpm_ad"], uses_ensd=True),
+       uses_ensd=True, second_order=True, from_p=_S_NOISE, eta=True),
+    _k("DPM fast", sample_dpm_fast, ["k_dpm_fast"], uses_ensd=True, from_p=_S_NOISE, eta=True, sigma_range=True),
+    _k("DPM adaptive", sample_dpm_adaptive, ["k_dpm_ad"], uses_ensd=True, eta=True, sigma_range=True),
     _k("Restart", restart_sampler, ["restart"], scheduler="karras", second_order=True),
-    _timestep("DDIM", "ddim", ["ddim"]),
-    _timestep("DDIM CFG++", "ddim_cfgpp", ["ddim_cfgpp"]),
+    _timestep("DDIM", "ddim", ["ddim"], eta=True),
+    _timestep("DDIM CFG++", "ddim_cfgpp", ["ddim_cfgpp"], eta=True),
     _timestep("PLMS", "plms", ["plms"]),
     _timestep("UniPC", "unipc", ["unipc"]),
     _k("LCM", sample_lcm, ["k_lcm"], denoiser="lcm"),

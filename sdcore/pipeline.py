@@ -1,0 +1,651 @@
+"""Stable Diffusion img2img, inpainting and txt2img as one page of plain calls.
+
+`img2img` reads top to bottom as the data flow (docs/ARCHITECTURE.md):
+
+    init images, mask -> images.prepare_inputs  resize / crop ("Only masked") / fill / overlays
+                      -> encode                 init_latent = scale_factor * VAE posterior sample   [B,C,h,w]
+                      -> latent_masks           nmask (1 = regenerate), mask = 1 - nmask            [1,C,h,w]
+                      -> fill_latent            "latent noise" / "latent nothing"
+                      -> image_conditioning     9-channel inpainting: mask + masked-image latent
+                      -> encode_conds           prompts -> cond / uncond per model call
+                      -> setup_img2img_steps    t_enc from denoising_strength
+                      -> get_sigmas, slice      sigma_sched = sigmas[steps - t_enc - 1:]
+                      -> seeds.rng              noise; x = init_latent + noise * sigma_sched[0]
+                      -> guided_denoiser        blend.blend_input -> CFG -> blend.blend (the per-step mask blend)
+                      -> run_sampler            the k-diffusion (or DDIM/PLMS/UniPC) loop
+                      -> blend.final            samples * nmask + init_latent * mask
+                      -> decode, finish_images  VAE decode, colour correction, overlay of the kept pixels
+
+Every argument is explicit; nothing here keeps state between calls, changes its inputs or changes the model, so the
+same call twice gives the same bytes. A1111's job object (`processing.py`) maps its fields onto these arguments and
+builds the infotext from the returned `Plan`. Facts are cited as "a1111-semantics §N" (docs/a1111-semantics.md).
+
+Glossary: B images in the batch, C latent channels, H x W pixels, h x w = H/8 x W/8 latent cells; sigma = noise
+standard deviation of k-diffusion's x = x0 + sigma * eps; t = DDPM timestep in [0, 999].
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import images, rng
+from .checkpoint import StableDiffusionModel
+from .plan import Plan, SamplingPass
+from .prompts import (get_learned_conditioning, get_multicond_learned_conditioning, reconstruct_cond_batch,
+                      reconstruct_multicond_batch)
+from .sampling import schedules
+from .sampling.blends import A1111Blend, BlendContext, MaskBlend
+from .sampling.denoisers import CFGDenoiser, CompVisDenoiser, LCMCompVisDenoiser, with_call_index
+from .sampling.samplers import BrownianTreeNoiseSampler, SamplerInfo
+from .sampling.timesteps import TIMESTEP_SAMPLERS, CompVisTimestepsDenoiser, get_timesteps, img2img_start
+
+Tensor = torch.Tensor
+
+LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                    "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                    "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
+PIXEL_UPSCALERS = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+
+
+# -- arguments -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Seeds:
+    """The seeds of one batch (a1111-semantics §8): one `seeds` / `subseeds` entry per image; variation
+    `subseed_strength` in [0, 1]; `seed_resize_from_h/w` in pixels (<= 0 = off); `source` "CPU", "GPU" (the
+    model's device) or "NV" (Philox); `eta_noise_seed_delta` offsets the per-step noise generators."""
+
+    seeds: tuple[int, ...]
+    subseeds: tuple[int, ...] = ()
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = 0
+    seed_resize_from_w: int = 0
+    source: str = "CPU"
+    eta_noise_seed_delta: int = 0
+
+    def rng(self, shape: Sequence[int], device: torch.device) -> rng.ImageRNG:
+        """The batch's noise source for latents of one image's `shape` (C, h, w) (a1111-semantics §8.2)."""
+        return rng.ImageRNG(shape, list(self.seeds), subseeds=list(self.subseeds), source=self.source, device=device,
+                            subseed_strength=self.subseed_strength, seed_resize_from_h=self.seed_resize_from_h,
+                            seed_resize_from_w=self.seed_resize_from_w,
+                            eta_noise_seed_delta=self.eta_noise_seed_delta)
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The sampler's numeric options, already resolved (a1111-semantics §6.5, §10.2).
+
+    `sampler_kwargs`: keyword options of the sampler function (eta, s_churn, s_tmin, s_tmax, s_noise, only those in
+    `SamplerInfo.extra_params`); `s_min_uncond`: NGMS sigma threshold (0 = off); `sigma_min`/`sigma_max`/`rho`:
+    schedule overrides (None = the model's / the scheduler's); `discard_next_to_last_sigma`; `beta_alpha`/`beta_beta`:
+    the Beta scheduler's parameters; `initial_noise_multiplier` scales the initial noise; `extra_noise` adds
+    unscaled noise to img2img's start; `fix_steps`: A1111's img2img_fix_steps (run exactly `steps` steps).
+    """
+
+    sampler_kwargs: dict[str, float] = field(default_factory=dict)
+    s_min_uncond: float = 0.0
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float | None = None
+    discard_next_to_last_sigma: bool = False
+    beta_alpha: float = 0.6
+    beta_beta: float = 0.6
+    initial_noise_multiplier: float = 1.0
+    extra_noise: float = 0.0
+    fix_steps: bool = False
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """Prompt encoding (a1111-semantics §11): CLIP skip (1 = last layer), emphasis mode, old editing timelines."""
+
+    clip_skip: int = 1
+    emphasis: str = "Original"
+    use_old_scheduling: bool = False
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """How the mask is read (a1111-semantics §1-4): blur sigma in pixels, rounding, `inpainting_fill` 0 fill /
+    1 original / 2 latent noise / 3 latent nothing, "Only masked" (`inpaint_full_res`) with padding in pixels,
+    inversion, the 9-channel models' `inpainting_mask_weight`, whether the kept pixels are pasted back
+    (`overlay`), and an optional separate `latent_mask` image for the latent blend and the fill."""
+
+    mask_blur_x: float = 4
+    mask_blur_y: float = 4
+    mask_round: bool = True
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+    inpainting_mask_weight: float = 1.0
+    overlay: bool = True
+    latent_mask: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """A second model that takes over once the completed ratio `(999 - t) / 1000` reaches `switch_at` in (0, 1)
+    (A1111 v1.10 `apply_refiner`; t = the timestep nearest to the call's largest sigma)."""
+
+    model: StableDiffusionModel
+    switch_at: float
+
+
+@dataclass
+class Result:
+    """What a pipeline call returns: PIL RGB `images` (B), the sampled `latents` [B,C,h,w] before decoding, the
+    `plan` of what ran, and the intermediate state a reader may inspect: `init_latent` [B,C,h,w], `mask`/`nmask`
+    [1,C,h,w] (keep / regenerate), `image_conditioning` [B,Cc,h,w], `overlay_images`, `mask_for_overlay`, and
+    `model`, the model in use at the end (the refiner after a switch)."""
+
+    images: list[Image.Image]
+    latents: Tensor
+    plan: Plan
+    model: StableDiffusionModel
+    init_latent: Tensor | None = None
+    mask: Tensor | None = None
+    nmask: Tensor | None = None
+    image_conditioning: Tensor | None = None
+    overlay_images: list[Image.Image] | None = None
+    mask_for_overlay: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class Conds:
+    """Prompt-scheduled conditioning for one batch: `cond(step)` / `uncond(step)` give the CFGDenoiser dicts
+    ({"c_crossattn": [N,T,C], optional "y"}) for model call `step`; `conds_list[i]` the (row, weight) AND-parts of
+    image i (a1111-semantics §11.1, §11.3)."""
+
+    cond: Callable[[int], dict[str, Tensor]]
+    uncond: Callable[[int], dict[str, Tensor]]
+    conds_list: list[list[tuple[int, float]]]
+
+
+# -- the three entry points -----------------------------------------------------------------------------------------
+
+def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: Image.Image | None,
+            prompts: list[str], negative_prompts: list[str], *, sampler: SamplerInfo, scheduler: str | None,
+            steps: int, denoising_strength: float, cfg_scale: float, seeds: Seeds, width: int, height: int,
+            blend: MaskBlend = A1111Blend(), resize_mode: int = 0, masking: MaskOptions = MaskOptions(),
+            options: SamplerOptions = SamplerOptions(), text: TextOptions = TextOptions(),
+            image_cfg_scale: float | None = None, background_color: str = "#ffffff", color_correction: bool = False,
+            vae_sample: bool = True, init_seeds: Sequence[int] | None = None, refiner: Refiner | None = None,
+            callback: Callable | None = None, model_callback: Callable | None = None,
+            disable_progress: bool | None = None) -> Result:
+    """img2img and inpainting of one batch (a1111-semantics §2, §6, §9). Returns `Result`.
+
+    `init_images`: PIL images (one, repeated to the batch, or one per image); `mask`: PIL, white = regenerate, or
+    None; `prompts`/`negative_prompts`: one per image; `seeds`: the batch's seeds (B = len(seeds.seeds));
+    `width`/`height`: processing size in pixels (multiples of 8); `denoising_strength` in [0, 1]: the share of the
+    schedule that runs; `init_seeds`: seeds of the VAE posterior sample and of the "latent noise" fill (A1111 makes
+    them once per job from the job's first seeds; default `seeds.seeds`). Raises ValueError / NotImplementedError
+    for values the steps below refuse.
+    """
+    device, mask_round = model.device, masking.mask_round and not blend.keeps_grey_mask
+    prep = images.prepare_inputs(
+        init_images, mask, width=width, height=height, batch_size=len(seeds.seeds), resize_mode=resize_mode,
+        mask_blur_x=masking.mask_blur_x, mask_blur_y=masking.mask_blur_y, mask_round=mask_round,
+        invert=masking.inpainting_mask_invert, full_res=masking.inpaint_full_res,
+        padding=masking.inpaint_full_res_padding, inpainting_fill=masking.inpainting_fill,
+        latent_mask=masking.latent_mask, background_color=background_color, color_correction=color_correction)
+    init_seeds = list(init_seeds or seeds.seeds)
+    source = (2.0 * torch.from_numpy(prep.pixels).permute(0, 3, 1, 2) - 1.0).to(device)  # [B,3,H,W] in [-1, 1]
+    init_latent = encode(model, source, init_seeds, sample=vae_sample, rng_source=seeds.source)
+    if resize_mode == 3:
+        init_latent = F.interpolate(init_latent, size=(height // 8, width // 8), mode="bilinear")
+    keep, nmask = latent_masks(prep.latent_mask if prep.mask is not None else None, init_latent, mask_round)
+    init_latent = fill_latent(init_latent, keep, nmask, masking.inpainting_fill, init_seeds, seeds.source)
+    image_cond = image_conditioning(model, source, init_latent, prep.mask, init_seeds, mask_round=mask_round,
+                                    mask_weight=masking.inpainting_mask_weight, vae_sample=vae_sample,
+                                    rng_source=seeds.source)
+    conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(steps), text, width, height)
+    later_conds = refiner_conds(refiner, prompts, negative_prompts, sampler, steps, text, width, height)
+    steps, t_enc = schedules.setup_img2img_steps(steps, denoising_strength, options.fix_steps)
+    noise_rng = seeds.rng(init_latent.shape[1:], device)
+    noise = noise_rng.next().float() * options.initial_noise_multiplier
+    record = SamplingPass(sampler.name, None, steps, t_enc, None, None, None, width, height)
+    if sampler.kind == "timestep":
+        grid = get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
+        x, record.timesteps = img2img_start(init_latent, noise, grid, t_enc, model.alphas_cumprod.to(device),
+                                            options.extra_noise)
+    else:
+        record.scheduler, record.sigmas = sigma_schedule(model, sampler, scheduler, steps, options)
+        record.sigma_sched = schedules.img2img_sigmas(record.sigmas.to(device), steps, t_enc)
+        x = init_latent + noise * record.sigma_sched[0]
+        if options.extra_noise > 0:
+            x = x + noise * options.extra_noise
+    schedule = inner_denoiser(model, sampler)
+    ctx = None if nmask is None else BlendContext(init_latent, keep, nmask, noise, blend_sigmas(record, schedule),
+                                                  schedule.sigma_to_t)
+    samples = sample(model, sampler, x, record, conds, cfg_scale=cfg_scale, image_cond=image_cond, blend=blend,
+                     ctx=ctx, noise_rng=noise_rng, seeds=seeds, options=options, image_cfg_scale=image_cfg_scale,
+                     refiner=refiner, refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
+    if ctx is not None:
+        samples = blend.final(samples, ctx)
+    final_model = refiner.model if refiner is not None and record.refiner_switch_call is not None else model
+    overlays = prep.overlay_images if masking.overlay else None
+    if overlays is not None and ctx is not None:
+        overlays = blend.overlays(overlays, samples, ctx, width, height, prep.paste_to)
+    pictures = finish_images(decode(final_model, samples.to(device)), prep.color_corrections, overlays, prep.paste_to)
+    plan = Plan([record], list(seeds.seeds), list(seeds.subseeds), crop_region=prep.crop_region,
+                paste_to=prep.paste_to, blank_mask=prep.blank_mask, blend=blend.name if ctx is not None else None,
+                **mask_coverage(nmask))
+    return Result(pictures, samples, plan, final_model, init_latent=init_latent, mask=keep, nmask=nmask,
+                  image_conditioning=image_cond, overlay_images=prep.overlay_images,
+                  mask_for_overlay=prep.mask_for_overlay)
+
+
+def txt2img(model: StableDiffusionModel, prompts: list[str], negative_prompts: list[str], *, sampler: SamplerInfo,
+            scheduler: str | None, steps: int, cfg_scale: float, seeds: Seeds, width: int, height: int,
+            options: SamplerOptions = SamplerOptions(), text: TextOptions = TextOptions(),
+            refiner: Refiner | None = None, decode_images: bool = True, callback: Callable | None = None,
+            model_callback: Callable | None = None, disable_progress: bool | None = None) -> Result:
+    """txt2img of one batch from pure noise at the schedule's first sigma (a1111-semantics §6.3, last paragraph).
+
+    Same arguments as `img2img` without images, masks or strength; `decode_images` False skips the VAE decode
+    (the hires fix continues from `Result.latents`). Returns `Result` (images empty when not decoded).
+    """
+    device = model.device
+    shape = (model.family.unet.out_channels, height // 8, width // 8)
+    conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(steps), text, width, height)
+    later_conds = refiner_conds(refiner, prompts, negative_prompts, sampler, steps, text, width, height)
+    noise_rng = seeds.rng(shape, device)
+    noise = noise_rng.next().float()
+    image_cond = txt2img_image_conditioning(model, noise, list(seeds.seeds), seeds.source)
+    record = SamplingPass(sampler.name, None, steps, None, None, None, None, width, height)
+    if sampler.kind == "timestep":
+        x, record.timesteps = noise, get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
+    else:
+        record.scheduler, record.sigmas = sigma_schedule(model, sampler, scheduler, steps, options)
+        record.sigma_sched = record.sigmas.to(device)
+        x = noise * record.sigma_sched[0]
+    samples = sample(model, sampler, x, record, conds, cfg_scale=cfg_scale, image_cond=image_cond, blend=None,
+                     ctx=None, noise_rng=noise_rng, seeds=seeds, options=options, refiner=refiner,
+                     refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
+    final_model = refiner.model if refiner is not None and record.refiner_switch_call is not None else model
+    pictures = decode(final_model, samples.to(device)) if decode_images else []
+    plan = Plan([record], list(seeds.seeds), list(seeds.subseeds))
+    return Result(pictures, samples, plan, final_model, image_conditioning=image_cond)
+
+
+def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], negative_prompts: list[str], *,
+              sampler: SamplerInfo, scheduler: str | None, steps: int, first_pass_steps: int,
+              denoising_strength: float, cfg_scale: float, seeds: Seeds, width: int, height: int,
+              cond_size: tuple[int, int],
+              upscaler: str = "Latent", options: SamplerOptions = SamplerOptions(), text: TextOptions = TextOptions(),
+              vae_sample: bool = True, refiner: Refiner | None = None, callback: Callable | None = None,
+              model_callback: Callable | None = None, disable_progress: bool | None = None) -> Result:
+    """The hires fix's second pass (A1111 `sample_hr_pass`): upscale txt2img `latents` [B,C,h,w] to `width` x
+    `height` pixels in latent space (`LATENT_UPSCALERS`) or in pixels (decode, PIL resize, encode), then img2img
+    them with `steps` as an explicit step count (a1111-semantics §6.2: the fix-steps rule). `first_pass_steps`
+    is the step count prompt-editing schedules are laid out on (A1111 `calculate_hr_conds`); `cond_size` the
+    (width, height) in pixels the SDXL size conditioning reports (the first pass's size, as the job's width and
+    height stay those of the first pass). Returns `Result`.
+    """
+    device, batch_seeds = model.device, list(seeds.seeds)
+    if upscaler in LATENT_UPSCALERS:
+        mode, antialias = LATENT_UPSCALERS[upscaler]
+        init_latent = F.interpolate(latents, size=(height // 8, width // 8), mode=mode, antialias=antialias)
+        source = None
+    else:
+        resized = [im.resize((width, height), PIXEL_UPSCALERS[upscaler]) for im in decode(model, latents)]
+        source = pixels_to_source(resized, device)
+        init_latent = encode(model, source, batch_seeds, sample=vae_sample, rng_source=seeds.source)
+    image_cond = None
+    if model.family.conditioning == "hybrid":
+        source = pixels_to_source(decode(model, init_latent), device) if source is None else source
+        image_cond = image_conditioning(model, source, init_latent, None, batch_seeds, mask_round=True,
+                                        mask_weight=1.0, vae_sample=vae_sample, rng_source=seeds.source)
+    noise_rng = seeds.rng(tuple(init_latent.shape[1:]), device)
+    noise = noise_rng.next().float()
+    conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(first_pass_steps), text, *cond_size,
+                         hires_steps=sampler.total_steps(steps))
+    later_conds = refiner_conds(refiner, prompts, negative_prompts, sampler, first_pass_steps, text, *cond_size,
+                                hires_steps=sampler.total_steps(steps))
+    steps, t_enc = schedules.setup_img2img_steps(steps, denoising_strength, fix_steps=True)
+    record = SamplingPass(sampler.name, None, steps, t_enc, None, None, None, width, height)
+    if sampler.kind == "timestep":
+        grid = get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
+        x, record.timesteps = img2img_start(init_latent, noise, grid, t_enc, model.alphas_cumprod.to(device),
+                                            options.extra_noise)
+    else:
+        record.scheduler, record.sigmas = sigma_schedule(model, sampler, scheduler, steps, options)
+        record.sigma_sched = schedules.img2img_sigmas(record.sigmas.to(device), steps, t_enc)
+        x = init_latent + noise * record.sigma_sched[0]
+        if options.extra_noise > 0:
+            x = x + noise * options.extra_noise
+    samples = sample(model, sampler, x, record, conds, cfg_scale=cfg_scale, image_cond=image_cond, blend=None,
+                     ctx=None, noise_rng=noise_rng, seeds=seeds, options=options, refiner=refiner,
+                     refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
+    final_model = refiner.model if refiner is not None and record.refiner_switch_call is not None else model
+    plan = Plan([record], batch_seeds, list(seeds.subseeds))
+    return Result(decode(final_model, samples.to(device)), samples, plan, final_model, init_latent=init_latent,
+                  image_conditioning=image_cond)
+
+
+# -- the arrows ------------------------------------------------------------------------------------------------------
+
+def encode(model: StableDiffusionModel, source: Tensor, seeds: Sequence[int], *, sample: bool = True,
+           rng_source: str = "CPU") -> Tensor:
+    """Scaled latents float32 [B,C,h,w] of pixels `source` [B,3,H,W] in [-1, 1] (LDM `get_first_stage_encoding`,
+    a1111-semantics §2.7): one image at a time (as A1111 does for batches), `scale_factor * (mean + std * eps)`
+    with eps from image i's own VAE stream (`rng.vae_sample_noise(seeds[i % len(seeds)])`), or the posterior mean
+    when `sample` is False."""
+    out = []
+    for i, px in enumerate(source):
+        dist = model.vae.encode(px[None].to(model.device, model.vae_dtype))
+        if sample:
+            eps = rng.vae_sample_noise([seeds[i % len(seeds)]], dist.mean.shape[1:], source=rng_source,
+                                       device=model.device)
+            z = dist.sample_from(eps)
+        else:
+            z = dist.mode()
+        out.append(z * model.family.vae.scale_factor)
+    return torch.cat(out).float()
+
+
+def decode(model: StableDiffusionModel, latents: Tensor) -> list[Image.Image]:
+    """PIL RGB images of scaled latents [B,C,h,w] (a1111-semantics §7.2): one at a time, divided by scale_factor,
+    `(x + 1) / 2` clamped to [0, 1], times 255, truncated to uint8. Raises FloatingPointError on NaN output."""
+    result = []
+    for z in latents:
+        x = model.vae.decode((z[None] / model.family.vae.scale_factor).to(model.device, model.vae_dtype)).float()
+        if torch.isnan(x).any():
+            raise FloatingPointError(f"VAE decode produced NaN in {model.vae_dtype}; run with vae_dtype=float32")
+        x = torch.clamp((x[0] + 1) / 2, 0, 1)
+        result.append(Image.fromarray((255.0 * x.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)))
+    return result
+
+
+def pixels_to_source(pictures: list[Image.Image], device: torch.device) -> Tensor:
+    """[B,3,H,W] float32 in [-1, 1] of RGB PIL images (the VAE's input range)."""
+    px = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255.0 for im in pictures]))
+    return (2.0 * px.permute(0, 3, 1, 2) - 1.0).to(device)
+
+
+def latent_masks(mask: Image.Image | None, init_latent: Tensor, mask_round: bool) -> tuple[Tensor | None, ...]:
+    """(mask, nmask) [1,C,h,w] float32 of the processing mask (a1111-semantics §2.9): nmask = the regenerate weight
+    per latent cell (`images.latent_mask`, rounded unless the blend keeps grey masks), mask = 1 - nmask (keep).
+    (None, None) without a mask."""
+    if mask is None:
+        return None, None
+    h, w = init_latent.shape[2:]
+    nmask = images.latent_mask(mask, w, h, round=mask_round).to(init_latent.device)
+    nmask = nmask.expand(1, init_latent.shape[1], h, w).float()
+    return 1.0 - nmask, nmask
+
+
+def fill_latent(init_latent: Tensor, mask: Tensor | None, nmask: Tensor | None, inpainting_fill: int,
+                seeds: Sequence[int], rng_source: str) -> Tensor:
+    """The init latent with its masked cells replaced (a1111-semantics §2 step 8): fill 2 "latent noise" = the
+    first N(0, 1) draw of each image's seed (`rng.randn_local`), fill 3 "latent nothing" = 0; other fills (and no
+    mask) return `init_latent` itself."""
+    if mask is None or inpainting_fill not in (2, 3):
+        return init_latent
+    if inpainting_fill == 3:
+        return init_latent * mask
+    noise = torch.stack([rng.randn_local(s, init_latent.shape[1:], source=rng_source, device=init_latent.device)
+                         for s in seeds[:init_latent.shape[0]]])
+    return init_latent * mask + noise.float() * nmask
+
+
+def image_conditioning(model: StableDiffusionModel, source: Tensor, latent: Tensor, mask: Image.Image | None,
+                       seeds: Sequence[int], *, mask_round: bool, mask_weight: float, vae_sample: bool,
+                       rng_source: str) -> Tensor | None:
+    """c_concat of models with image conditioning (a1111-semantics §5, §5.1), else None.
+
+    9-channel inpainting ("hybrid"): [B, 1 + C, h, w] = the processing mask (1 = regenerate; rounded when
+    `mask_round`; all ones without a mask) at latent size by nearest interpolation, then the latent of
+    `lerp(source, source * (1 - mask), mask_weight)`. instruct-pix2pix ("edit"): the posterior mean of `source`,
+    unscaled. `source` [B,3,H,W] in [-1, 1]; `latent` [B,C,h,w] gives the size and dtype.
+    """
+    if model.family.conditioning == "edit":
+        return torch.cat([model.vae.encode(px[None].to(model.device, model.vae_dtype)).mode()
+                          for px in source]).float()
+    if model.family.conditioning != "hybrid":
+        return None
+    if mask is not None:
+        cmask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+        cmask = cmask.to(source.device)
+        cmask = torch.round(cmask) if mask_round else cmask
+    else:
+        cmask = source.new_ones(1, 1, *source.shape[-2:])
+    masked = torch.lerp(source, source * (1.0 - cmask), mask_weight)
+    masked_latent = encode(model, masked, seeds, sample=vae_sample, rng_source=rng_source)
+    cmask = F.interpolate(cmask, size=latent.shape[-2:]).expand(latent.shape[0], -1, -1, -1)
+    return torch.cat([cmask, masked_latent], dim=1).to(latent.dtype)
+
+
+def txt2img_image_conditioning(model: StableDiffusionModel, x: Tensor, seeds: Sequence[int],
+                               rng_source: str) -> Tensor | None:
+    """txt2img with a 9-channel model (a1111-semantics §5.1): a ones mask and the latent of a 0.5-grey image.
+    Raises NotImplementedError for instruct-pix2pix models (they need an image)."""
+    if model.family.conditioning == "edit":
+        raise NotImplementedError("txt2img with an instruct-pix2pix (edit) model is not supported; use img2img")
+    if model.family.conditioning != "hybrid":
+        return None
+    grey = x.new_zeros(x.shape[0], 3, x.shape[2] * 8, x.shape[3] * 8)  # 0.5 in [0, 1] is 0 in [-1, 1]
+    return image_conditioning(model, grey, x, None, seeds, mask_round=True, mask_weight=1.0, vae_sample=True,
+                              rng_source=rng_source)
+
+
+def encode_conds(model: StableDiffusionModel, prompts: list[str], negative_prompts: list[str], total_steps: int,
+                 text: TextOptions, width: int, height: int, hires_steps: int | None = None) -> Conds:
+    """Prompt-edited, AND-composed conditioning of one batch (a1111-semantics §11.1, §11.3; A1111 `setup_conds`).
+
+    Schedules are laid out on `total_steps` model calls (the sampler's `total_steps(steps)`: x2 for second-order
+    samplers); `hires_steps` is the hires pass's count. The negative prompts go through A1111's negative flag
+    (SDXL: zeroed empty negative, refiner: low aesthetic score)."""
+    def encoder(is_negative: bool):
+        return lambda texts: model.encode_texts(texts, clip_skip=text.clip_skip, emphasis=text.emphasis, width=width,
+                                                height=height, is_negative_prompt=is_negative)
+
+    kw = dict(hires_steps=hires_steps, use_old_scheduling=text.use_old_scheduling)
+    uc = get_learned_conditioning(encoder(True), negative_prompts, total_steps, **kw)
+    c = get_multicond_learned_conditioning(encoder(False), prompts, total_steps, **kw)
+    conds_list, _ = reconstruct_multicond_batch(c, 0)
+    return Conds(cond=lambda step: _as_cond_dict(reconstruct_multicond_batch(c, step)[1]),
+                 uncond=lambda step: _as_cond_dict(reconstruct_cond_batch(uc, step)), conds_list=conds_list)
+
+
+def refiner_conds(refiner: Refiner | None, prompts: list[str], negative_prompts: list[str], sampler: SamplerInfo,
+                  steps: int, text: TextOptions, width: int, height: int, hires_steps: int | None = None):
+    """The refiner's own conditioning of the batch's prompts (its text encoders), or None without a refiner."""
+    if refiner is None:
+        return None
+    return encode_conds(refiner.model, prompts, negative_prompts, sampler.total_steps(steps), text, width, height,
+                        hires_steps=hires_steps)
+
+
+def inner_denoiser(model: StableDiffusionModel, sampler: SamplerInfo) -> CompVisDenoiser:
+    """k-diffusion's model wrapper (a1111-semantics §7.1): eps/v `CompVisDenoiser`, or A1111's LCM denoiser with
+    its own 50-level sigma table for the "LCM" sampler. Its `DiscreteSchedule` also serves the schedulers."""
+    alphas = model.alphas_cumprod.to(model.device)
+    if sampler.denoiser == "lcm":
+        if model.family.prediction != "eps":
+            raise NotImplementedError("the LCM sampler supports eps-prediction models only")
+        return LCMCompVisDenoiser(model.apply_model, alphas)
+    return CompVisDenoiser(model.apply_model, alphas, prediction=model.family.prediction)
+
+
+def sigma_schedule(model: StableDiffusionModel, sampler: SamplerInfo, scheduler: str | None, steps: int,
+                   options: SamplerOptions) -> tuple[str | None, Tensor]:
+    """(scheduler label, sigmas float32 [steps + 1] on the CPU) for `steps` (a1111-semantics §10.2): the named
+    scheduler, or with None/"automatic" the sampler's default (uniform when it has none). The label is None when
+    Automatic resolves to nothing (A1111 then writes no "Schedule type")."""
+    automatic = scheduler in (None, "automatic", "Automatic")
+    name = sampler.scheduler if automatic else scheduler
+    sigmas = schedules.get_sigmas(scheduler or "automatic", steps, inner_denoiser(model, sampler),
+                                  default_scheduler=sampler.scheduler,
+                                  discard_next_to_last_sigma=options.discard_next_to_last_sigma,
+                                  sigma_min=options.sigma_min, sigma_max=options.sigma_max, rho=options.rho,
+                                  is_sdxl=model.family.name.startswith("sdxl"), beta_alpha=options.beta_alpha,
+                                  beta_beta=options.beta_beta)
+    return (schedules.find_scheduler(name).label if name else None), sigmas
+
+
+def sample(model: StableDiffusionModel, sampler: SamplerInfo, x: Tensor, record: SamplingPass, conds: Conds, *,
+           cfg_scale: float, image_cond: Tensor | None, blend: MaskBlend | None, ctx: BlendContext | None,
+           noise_rng: rng.ImageRNG, seeds: Seeds, options: SamplerOptions, image_cfg_scale: float | None = None,
+           refiner: Refiner | None = None, refiner_conds: Conds | None = None, callback: Callable | None = None,
+           model_callback: Callable | None = None, disable_progress: bool | None = None) -> Tensor:
+    """Run the sampler from `x` over `record.sigma_sched` (or `record.timesteps`) with the guided denoiser.
+
+    The denoiser the sampler calls is composed before sampling: `with_call_index` (call k gets step=k) ->
+    `traced` (appends sigma to `record.model_calls`, reports to `model_callback`) -> `refiner_switch` (when a
+    refiner is given) -> `guided_denoiser` (blend, CFG, model). Returns latents [B,C,h,w]."""
+    timestep = sampler.kind == "timestep"
+    guided = guided_denoiser(model, sampler, conds, image_cond, blend, ctx, image_cfg_scale, options.s_min_uncond)
+    if refiner is not None:
+        schedule = None if timestep else inner_denoiser(model, sampler)
+        later = guided_denoiser(refiner.model, sampler, refiner_conds, None, blend, ctx, image_cfg_scale,
+                                options.s_min_uncond)
+        guided = refiner_switch(guided, later, refiner.switch_at, schedule, record)
+    n_calls = len(record.timesteps) if timestep else sampler.total_steps(
+        record.steps if record.t_enc is None else record.t_enc + 1)
+    denoiser = with_call_index(traced(guided, record, model_callback), n_calls)
+    return run_sampler(model, sampler, denoiser, x, record, cfg_scale, noise_rng, seeds, options, callback,
+                       disable_progress, is_img2img=record.t_enc is not None)
+
+
+def guided_denoiser(model: StableDiffusionModel, sampler: SamplerInfo, conds: Conds, image_cond: Tensor | None,
+                    blend: MaskBlend | None, ctx: BlendContext | None, image_cfg_scale: float | None,
+                    s_min_uncond: float) -> Callable[..., Tensor]:
+    """`denoise(x, sigma, *, step, total_steps, cond_scale, return_uncond=False)`: one CFG model call with the
+    mask blend around it (a1111-semantics §7).
+
+    k-diffusion samplers: `blend.blend_input` on x, CFG, then `blend.blend` on `denoised` (A1111's x0 blend,
+    `init_latent * mask + denoised * nmask`). DDIM/PLMS/UniPC: A1111 blends x before the call (`blend.blend` on x;
+    the sigma passed there is a timestep, so only the "a1111" blend is allowed). No blend without a mask.
+    """
+    timestep = sampler.kind == "timestep"
+    alphas = model.alphas_cumprod.to(model.device)
+    inner = (CompVisTimestepsDenoiser(model.apply_model, alphas, prediction=model.family.prediction) if timestep
+             else inner_denoiser(model, sampler))
+    cfg = CFGDenoiser(inner, image_cfg_scale=image_cfg_scale, is_edit_model=model.family.conditioning == "edit")
+    if ctx is not None and timestep and blend.name != "a1111":
+        raise NotImplementedError(f"mask blend {blend.name!r} works with k-diffusion samplers only, not {sampler.name}")
+
+    def denoise(x: Tensor, sigma: Tensor, *, step: int, total_steps: int, cond_scale: float,
+                return_uncond: bool = False):
+        if ctx is not None:
+            x = blend.blend(x, sigma, ctx) if timestep else blend.blend_input(x, sigma, ctx)
+        out = cfg(x, sigma, cond=conds.cond, uncond=conds.uncond, conds_list=conds.conds_list, cond_scale=cond_scale,
+                  image_cond=image_cond, s_min_uncond=s_min_uncond, step=step, total_steps=total_steps,
+                  return_uncond=return_uncond)
+        if ctx is None or timestep:
+            return out
+        if return_uncond:
+            return blend.blend(out[0], sigma, ctx), out[1]
+        return blend.blend(out, sigma, ctx)
+
+    return denoise
+
+
+def refiner_switch(first: Callable[..., Tensor], then: Callable[..., Tensor], switch_at: float,
+                   schedule: CompVisDenoiser | None, record: SamplingPass) -> Callable[..., Tensor]:
+    """Call `first` until the completed ratio `(999 - t) / 1000` reaches `switch_at`, then `then` for the rest of
+    the run (A1111 v1.10 `apply_refiner`): t is the discrete timestep nearest to the call's largest sigma on
+    `schedule` (timestep samplers pass t itself, `schedule` None). The first refiner call's index is written to
+    `record.refiner_switch_call`."""
+    def call(x: Tensor, sigma: Tensor, *, step: int, **kwargs: Any):
+        if record.refiner_switch_call is None:
+            t = int(sigma.max()) if schedule is None else int(torch.argmin(
+                (schedule.sigmas.to(sigma.device) - sigma.max()).abs()))
+            if (999 - t) / 1000 < switch_at:
+                return first(x, sigma, step=step, **kwargs)
+            record.refiner_switch_call = step
+        return then(x, sigma, step=step, **kwargs)
+
+    return call
+
+
+def traced(denoiser: Callable[..., Tensor], record: SamplingPass,
+           model_callback: Callable[[dict], None] | None) -> Callable[..., Tensor]:
+    """`denoiser`, appending each call's sigma (of image 0) to `record.model_calls` and reporting
+    {"i": call index, "x", "sigma", "sigma_hat", "denoised"} to `model_callback` (e.g. a `TraceRecorder`); unlike
+    the sampler callback (once per step) this sees second-order sub-steps too."""
+    def call(x: Tensor, sigma: Tensor, *, step: int, **kwargs: Any):
+        out = denoiser(x, sigma, step=step, **kwargs)
+        record.model_calls.append(float(sigma[0]))
+        if model_callback is not None:
+            denoised = out[0] if isinstance(out, tuple) else out
+            model_callback({"i": step, "x": x, "sigma": sigma[0], "sigma_hat": sigma[0], "denoised": denoised})
+        return out
+
+    return call
+
+
+def run_sampler(model: StableDiffusionModel, sampler: SamplerInfo, denoiser: Callable[..., Tensor], x: Tensor,
+                record: SamplingPass, cfg_scale: float, noise_rng: rng.ImageRNG, seeds: Seeds,
+                options: SamplerOptions, callback: Callable | None, disable: bool | None, is_img2img: bool) -> Tensor:
+    """Call the sampler function with A1111's arguments (a1111-semantics §6.3-6.5): the per-step noise from the
+    image RNG (or a per-image Brownian tree), the options of `options.sampler_kwargs`, DPM fast/adaptive with a
+    sigma range instead of a schedule, DDIM's eta noise, UniPC's img2img flag."""
+    extra_args = {"cond_scale": cfg_scale}
+    kw = dict(options.sampler_kwargs)
+    if sampler.kind == "timestep":
+        alphas = model.alphas_cumprod.to(model.device)
+        if "eta" in kw:
+            kw["noise_sampler"] = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)
+        if sampler.funcname == "unipc":
+            kw["is_img2img"] = is_img2img
+        return TIMESTEP_SAMPLERS[sampler.name](denoiser, x, record.timesteps, alphas, extra_args=extra_args,
+                                               callback=callback, disable=disable, **kw)
+    sigma_sched = record.sigma_sched
+    if sampler.brownian_noise:
+        sigmas = record.sigmas.to(x.device)
+        noise_sampler = BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seeds=list(seeds.seeds))
+    else:
+        noise_sampler = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)  # noqa: E731
+    if sampler.solver_type:
+        kw["solver_type"] = sampler.solver_type
+    if sampler.sigma_range:  # DPM fast / adaptive take a range and a call count (a1111-semantics §6.3 step 3)
+        kw.update(sigma_min=sigma_sched[-2], sigma_max=sigma_sched[0])
+        if sampler.funcname == "sample_dpm_fast":
+            kw["n"] = len(sigma_sched) - 1
+        return sampler.function(denoiser, x, extra_args=extra_args, callback=callback, disable=disable,
+                                noise_sampler=noise_sampler, **kw)
+    return sampler.function(denoiser, x, sigma_sched, extra_args=extra_args, callback=callback, disable=disable,
+                            noise_sampler=noise_sampler, **kw)
+
+
+def blend_sigmas(record: SamplingPass, schedule: CompVisDenoiser) -> Tensor:
+    """The sigmas a blend sees: the k-diffusion slice, or for timestep samplers the noise levels of the grid they
+    walk (`t_to_sigma`, descending, then 0)."""
+    if record.sigma_sched is not None:
+        return record.sigma_sched
+    grid = schedule.t_to_sigma(record.timesteps.flip(0).float())
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
+def finish_images(pictures: list[Image.Image], color_corrections: list | None, overlays: list | None,
+                  paste_to: tuple[int, int, int, int] | None) -> list[Image.Image]:
+    """Colour correction (a1111-semantics §9.2), then the overlay of the kept original pixels (§9.1), per image."""
+    out = []
+    for i, image in enumerate(pictures):
+        if color_corrections is not None and i < len(color_corrections):
+            image = images.apply_color_correction(color_corrections[i], image)
+        if overlays is not None and i < len(overlays):
+            image = images.apply_overlay(image, paste_to, overlays[i])
+        out.append(image)
+    return out
+
+
+def mask_coverage(nmask: Tensor | None) -> dict[str, Any]:
+    """Plan fields of a latent regenerate mask: cells with weight > 0, all cells, mean weight."""
+    if nmask is None:
+        return {}
+    m = nmask[0, 0].float()
+    return {"mask_cells": int((m > 0).sum()), "latent_cells": m.numel(), "mask_mean": float(m.mean())}
+
+
+def _as_cond_dict(cond) -> dict[str, Tensor]:
+    return dict(cond) if isinstance(cond, dict) else {"c_crossattn": cond}

@@ -598,7 +598,9 @@ class PreparedInputs:
     - `mask`: the processing mask at `width x height` ("L", 255 = regenerate) after binarising, inverting, blurring
       and cropping; None without a mask (or when "Only masked" found it blank).
     - `latent_mask`: the mask the latent blend and the fill read (`latent_mask` argument, else `mask`).
-    - `mask_for_overlay`, `overlay_images` (RGBA, one per batch image): what `apply_overlay` pastes back.
+    - `mask_for_overlay`, `overlay_images` (RGBA, one per batch image): what `apply_overlay` pastes back;
+      `originals` (RGBA, one per batch image): the same originals un-cut (soft inpainting pastes them through its
+      own composite mask).
     - `paste_to` `(x, y, w, h)` and `crop_region` `(x1, y1, x2, y2)` for "Only masked", else None.
     - `color_corrections`: one LAB histogram target per batch image, or None when colour correction is off.
     - `blank_mask`: "Only masked" was asked with a blank mask and fell back to whole-picture img2img.
@@ -609,6 +611,7 @@ class PreparedInputs:
     latent_mask: Image.Image | None
     mask_for_overlay: Image.Image | None
     overlay_images: list[Image.Image] | None
+    originals: list[Image.Image] | None
     paste_to: tuple[int, int, int, int] | None
     crop_region: tuple[int, int, int, int] | None
     color_corrections: list[np.ndarray] | None
@@ -663,7 +666,7 @@ def prepare_inputs(init_images: list[Image.Image], mask: Image.Image | None, *, 
             mask_blur_y=mask_blur_y, mask_round=mask_round, invert=invert, full_res=full_res, padding=padding)
         blank = mask is None
     fill_mask = latent_mask if latent_mask is not None else mask
-    pixels, overlays, corrections = [], [], []
+    pixels, overlays, originals, corrections = [], [], [], []
     for img in init_images:
         image = flatten(img, background_color)
         if crop is None and resize_mode != 3:
@@ -673,6 +676,7 @@ def prepare_inputs(init_images: list[Image.Image], mask: Image.Image | None, *, 
             if overlay_mask.size != image.size:
                 overlay_mask = resize_image(resize_mode, overlay_mask, image.width, image.height).convert("L")
             overlays.append(make_overlay(image, overlay_mask))
+            originals.append(image.convert("RGBA"))
         if crop is not None:
             image = resize_image(2, image.crop(crop), width, height)
         if mask is not None and inpainting_fill != 1:
@@ -682,6 +686,8 @@ def prepare_inputs(init_images: list[Image.Image], mask: Image.Image | None, *, 
         pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
     if len(pixels) == 1:
         pixels, overlays, corrections = pixels * batch_size, overlays * batch_size, corrections * batch_size
+        originals = originals * batch_size
     return PreparedInputs(pixels=np.stack(pixels), mask=mask, latent_mask=fill_mask, mask_for_overlay=mask_for_overlay,
-                          overlay_images=overlays if masked_job else None, paste_to=paste_to, crop_region=crop,
+                          overlay_images=overlays if masked_job else None,
+                          originals=originals if masked_job else None, paste_to=paste_to, crop_region=crop,
                           color_corrections=corrections if color_correction else None, blank_mask=blank)

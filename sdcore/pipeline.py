@@ -215,6 +215,7 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
         grid = get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
         x, record.timesteps = img2img_start(init_latent, noise, grid, t_enc, model.alphas_cumprod.to(device),
                                             options.extra_noise)
+        record.start_timestep = int(grid[t_enc])
     else:
         record.scheduler, record.sigmas = sigma_schedule(model, sampler, scheduler, steps, options)
         record.sigma_sched = schedules.img2img_sigmas(record.sigmas.to(device), steps, t_enc)
@@ -232,7 +233,7 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
     final_model = refiner.model if refiner is not None and record.refiner_switch_call is not None else model
     overlays = prep.overlay_images if masking.overlay else None
     if overlays is not None and ctx is not None:
-        overlays = blend.overlays(overlays, samples, ctx, width, height, prep.paste_to)
+        overlays = blend.overlays(overlays, prep.originals, samples, ctx, width, height, prep.paste_to)
     pictures = finish_images(decode(final_model, samples.to(device)), prep.color_corrections, overlays, prep.paste_to)
     plan = Plan([record], list(seeds.seeds), list(seeds.subseeds), crop_region=prep.crop_region,
                 paste_to=prep.paste_to, blank_mask=prep.blank_mask, blend=blend.name if ctx is not None else None,
@@ -315,6 +316,7 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
         grid = get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
         x, record.timesteps = img2img_start(init_latent, noise, grid, t_enc, model.alphas_cumprod.to(device),
                                             options.extra_noise)
+        record.start_timestep = int(grid[t_enc])
     else:
         record.scheduler, record.sigmas = sigma_schedule(model, sampler, scheduler, steps, options)
         record.sigma_sched = schedules.img2img_sigmas(record.sigmas.to(device), steps, t_enc)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import images, infotext, pipeline, rng
 from .checkpoint import StableDiffusionModel, load_checkpoint
-from .plan import Plan, SamplingPass
+from .plan import DryRun, Plan, SamplingPass, stand_in_model
 from .sampling import schedules
 from .sampling.blends import MaskBlend, make_blend
 from .sampling.samplers import SamplerInfo, find_sampler
@@ -693,3 +693,12 @@ def process_images(p: StableDiffusionProcessing, callback=None, disable_progress
                      plans=plans, init_latent=result.init_latent, mask=result.mask, nmask=result.nmask,
                      image_conditioning=result.image_conditioning, overlay_images=result.overlay_images,
                      mask_for_overlay=result.mask_for_overlay, paste_to=result.plan.paste_to)
+
+
+def dry_run(p: StableDiffusionProcessing) -> DryRun:
+    """Run job `p` with `plan.stand_in_model` in place of its model (zero UNet and VAE, real text encoders): the
+    Plans of `Processed.plans` are what a real run does, except DPM adaptive's step count, which depends on the
+    UNet's output. `p` is not changed (a copy holds the stand-in); nothing is saved. Format with `plan.explain`."""
+    model, rows = stand_in_model(p.sd_model)
+    job = dataclasses.replace(p, sd_model=model, outpath_samples=None)
+    return DryRun(job, process_images(job, disable_progress=True), rows)

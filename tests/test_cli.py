@@ -16,18 +16,19 @@ from PIL import Image, PngImagePlugin
 
 from conftest import rect_mask
 from sdcore import cli
+from sdcore.cli import commands
 from sdcore.cli import (FIELDS_WITHOUT_FLAG, FLAGS, Task, build_parser, dry_run, main, make_processing,
                         processing_flags, resolve_values, values_from_infotext, write_new_file)
 from sdcore.processing import Options, StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
 from sdcore.sampling.samplers import SAMPLERS
 
-_cached_load = functools.lru_cache(maxsize=4)(cli._load_model)
+_cached_load = functools.lru_cache(maxsize=4)(commands._load_model)
 
 
 @pytest.fixture(autouse=True)
 def load_each_checkpoint_once(monkeypatch):
     """Each CLI run would load its checkpoint again; the tests share one load per file (errors are not cached)."""
-    monkeypatch.setattr(cli, "_load_model", _cached_load)
+    monkeypatch.setattr(commands, "_load_model", _cached_load)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,7 @@ def test_every_flag_sets_its_field(sd1_tiny, files):
         "opts.CLIP_stop_at_last_layers": 2, "opts.emphasis": "No norm", "opts.sigma_min": 0.1, "opts.sigma_max": 10.0,
         "opts.rho": 5.0, "opts.use_old_scheduling": True, "opts.always_discard_next_to_last_sigma": True,
         "opts.use_old_karras_scheduler_sigmas": True, "opts.save_to_dirs": False, "opts.vae_encode_sample": False,
+        "mask_blend": "differential", "opts.beta_dist_alpha": 0.5, "opts.beta_dist_beta": 0.7,
     }
     argv = ["img2img", str(files / "init.png")]
     for flag in processing_flags():
@@ -227,7 +229,7 @@ def test_explain_ddim_walks_the_timestep_grid(sd1_tiny, files):
     """Spec 6.4/13: 20 steps at 0.75 -> noise level at timestep 751; the loop skips the grid's first entry, so the
     calls are at 701, 651, ..., 51 (14 calls)."""
     plan = plan_for(sd1_tiny, files / "init.png", "--sampler", "DDIM", "--steps", 20, "--seed", 1, *SMALL)
-    assert int(plan.timesteps[plan.t_enc]) == 751
+    assert plan.plan.passes[0].start_timestep == 751
     assert [round(t) for _, t in plan.unet_calls] == list(range(701, 50, -50))
 
 
@@ -238,16 +240,16 @@ def test_explain_mask_coverage_and_crop_region(sd1_tiny, files):
         plan = plan_for(sd1_tiny, files / "init.png", "--mask", files / "square.png", "--mask-blur", blur,
                         "--seed", 1, "--steps", 2, *SMALL)
         nmask = plan.processed.nmask[0, 0]
-        assert nmask.sum() == 4 and nmask[3:5, 3:5].sum() == 4 and plan.p.paste_to is None
+        assert nmask.sum() == 4 and nmask[3:5, 3:5].sum() == 4 and plan.plan.paste_to is None
     plan = plan_for(sd1_tiny, files / "init.png", "--mask", files / "square.png", "--mask-blur", 0,
                     "--inpaint-full-res", "--inpaint-full-res-padding", 8, "--seed", 1, "--steps", 2, *SMALL)
-    x, y, w, h = plan.p.paste_to
+    x, y, w, h = plan.plan.paste_to
     assert (x, y, x + w, y + h) == (16, 16, 48, 48)
     # The crop (16..48) is scaled 2x to 64x64, so the square covers pixels 16..48 = latent cells 2..5.
     assert plan.processed.nmask[0, 0].sum() == 16 and plan.processed.nmask[0, 0, 2:6, 2:6].sum() == 16
     plan = plan_for(sd1_tiny, files / "init.png", "--mask", files / "square.png", "--mask-blur", 0,
                     "--inpaint-full-res", "--inpaint-full-res-padding", 30, "--seed", 1, "--steps", 2, *SMALL)
-    assert plan.p.paste_to == (0, 0, 64, 64)
+    assert plan.plan.paste_to == (0, 0, 64, 64)
     plan = plan_for(sd1_tiny, files / "init.png", "--mask", files / "square.png", "--mask-blur", 0,
                     "--inpainting-mask-invert", 1, "--seed", 1, "--steps", 2, *SMALL)
     assert plan.processed.nmask[0, 0].sum() == 60
@@ -337,7 +339,7 @@ def test_from_infotext_reproduces_the_image_and_flags_override(capsys, files, sd
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
     plan = plan_for(sd1_tiny, files / "init.png", "--from-infotext", first, "--seed", 9, "--steps", 4)
     assert plan.processed.seeds == [9] and plan.p.steps == 4 and plan.p.denoising_strength == 0.6
-    assert plan.p.sampler.name == "Euler a" and plan.p.opts.CLIP_stop_at_last_layers == 2
+    assert plan.plan.passes[0].sampler == "Euler a" and plan.p.opts.CLIP_stop_at_last_layers == 2
 
 
 def _png_with_parameters(path: Path, text: str) -> Path:
@@ -384,7 +386,7 @@ def test_batch_writes_stem_pngs_skips_done_and_resumes(capsys, batch, sd1_tiny_p
             "--steps", 2, "--seed", 3, *SMALL]
 
     calls = []
-    real = cli._save_png
+    real = commands._save_png
 
     def interrupted_second_write(image, text):
         calls.append(1)
@@ -397,13 +399,13 @@ def test_batch_writes_stem_pngs_skips_done_and_resumes(capsys, batch, sd1_tiny_p
 
         return write
 
-    monkeypatch.setattr(cli, "_save_png", interrupted_second_write)
+    monkeypatch.setattr(commands, "_save_png", interrupted_second_write)
     with pytest.raises(KeyboardInterrupt):
         main([str(a) for a in argv])
     capsys.readouterr()
     assert sorted(os.listdir(out)) == ["a.png"]  # no half-written b.png, no temporary file left
     a_bytes, a_mtime = (out / "a.png").read_bytes(), (out / "a.png").stat().st_mtime_ns
-    monkeypatch.setattr(cli, "_save_png", real)
+    monkeypatch.setattr(commands, "_save_png", real)
 
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err
@@ -467,8 +469,7 @@ def test_trace_records_every_model_call_and_is_never_overwritten(capsys, files, 
     plan = plan_for(sd1_tiny, files / "init.png", *common)
     assert len(records) == len(plan.unet_calls) == calls
     assert [int(r["i"]) for r in records] == list(range(calls))
-    schedule = plan.p.denoiser_schedule()
-    planned = schedule.t_to_sigma(torch.tensor([t for _, t in plan.unet_calls]))
+    planned = torch.tensor([s for _, s in plan.unet_calls])
     traced = torch.stack([r["sigma"].float().reshape(()) for r in records])
     assert torch.allclose(traced, planned, rtol=1e-4)
     assert float(traced[0]) == pytest.approx(float(plan.sigma_sched[0]))
@@ -647,3 +648,23 @@ def test_info_lists_every_text_encoder_of_sdxl(capsys, tmp_path):
     assert code == 0 and "family: sdxl" in out
     assert "text_encoder.conditioner.embedders.0.transformer" in out and "conditioner.embedders.1.model" in out
     assert "file dtypes: float16" in out
+
+
+def test_mask_blend_flag_names_are_the_blend_table():
+    from sdcore.cli.flags import BLEND_NAMES
+    from sdcore.sampling.blends import BLENDS
+
+    assert BLEND_NAMES == tuple(BLENDS)
+
+
+def test_mask_blend_from_infotext(sd1_tiny):
+    """"Mask blend: xt" (sdcore's key) and A1111's soft-inpainting keys restore the strategy, parameters included."""
+    from sdcore.cli.flags import values_from_infotext
+    from sdcore.sampling.blends import SoftInpaintingBlend
+
+    base = "a cat\nSteps: 4, Sampler: Euler, Seed: 1, Size: 64x64"
+    values, unused = values_from_infotext(base + ", Mask blend: xt", processing_flags())
+    assert values["mask_blend"].name == "xt" and not unused
+    text = base + ", " + ", ".join(f"{k}: {v}" for k, v in SoftInpaintingBlend(mask_blend_power=2).infotext().items())
+    values, unused = values_from_infotext(text, processing_flags())
+    assert values["mask_blend"] == SoftInpaintingBlend(mask_blend_power=2) and not unused

@@ -23,6 +23,7 @@ import make_checkpoint as mc
 from _diffusers_oracle import UNET_PREFIX, diffusers_vae, ldm_original_config
 from conftest import _write, rect_mask
 from sdcore import cli, families
+from sdcore.cli import commands
 from sdcore.checkpoint import (TEXT_LAYOUTS, CheckpointError, Detection, detect_family, load_checkpoint,
                                open_state_dict, resolve_prediction, sub_state_dict, v_prediction_probe)
 from sdcore.models.unet import UNetModel
@@ -448,14 +449,14 @@ def test_img2img_and_inpainting_end_to_end(tiny, photo, name, monkeypatch):
 def cli_models(tiny, monkeypatch):
     """The CLI's model loader answers from the module's loaded checkpoints (a real load for anything else)."""
     loaded = {str(tiny(name)[0]): tiny(name)[1] for name in FAMILIES}
-    real = cli._load_model
+    real = commands._load_model
 
     def load(path, device, dtype, vae=None, prediction=None):
         if str(path) in loaded and (device, dtype, vae, prediction) == ("cpu", "float32", None, None):
             return loaded[str(path)]
         return real(path, device, dtype, vae, prediction)
 
-    monkeypatch.setattr(cli, "_load_model", load)
+    monkeypatch.setattr(commands, "_load_model", load)
     return loaded
 
 

@@ -1,29 +1,27 @@
-"""`sdcore img2img | inpaint | txt2img | info | samplers`: a thin command line over the Python API.
+"""The flag table, the argparse parser built from it, and the values a run uses.
 
 Every processing flag sets one field of `StableDiffusionProcessingImg2Img` (`...Txt2Img` for txt2img) or of its
 `opts: Options`, under the A1111 name with dashes (`--denoising-strength` -> `denoising_strength`; one exception,
 `--clip-skip` -> `CLIP_stop_at_last_layers`); `FLAGS` is the table. A value comes from, in increasing priority:
-the field's default (the A1111 UI default where spec 1 gives one), `--from-infotext FILE`, the command line.
-
-Bad input exits with status 2 and one line naming the argument, before anything is written (no output directory
-is created). `--explain` runs the whole job with stand-ins for the UNet and VAE that only record what they are
-asked (a dry run through `process_images`), so the plan it prints is what a real run does.
+the field's default (the A1111 UI default where spec 1 gives one), `--from-infotext FILE` (mapped by
+`values_from_infotext`), the command line; `resolve_values` applies them and checks each (UsageError naming the flag).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "weights" / "sdcore-tiny.safetensors"
+from PIL import Image, ImageColor
+
+from ..infotext import parse_infotext
+
+DEFAULT_CKPT = Path(__file__).resolve().parent.parent.parent / "weights" / "sdcore-tiny.safetensors"
 DEFAULT_OUTDIRS = {"img2img": Path("outputs/img2img-images"), "inpaint": Path("outputs/img2img-images"),
                    "txt2img": Path("outputs/txt2img-images")}
 MAX_INFOTEXT_BYTES = 1 << 20  # PIL's own cap on a PNG text chunk (PngImagePlugin.MAX_TEXT_CHUNK)
@@ -144,6 +142,10 @@ def _one_of(*allowed) -> Callable[[Any], str | None]:
     return lambda v: None if v in allowed else f"allowed: {', '.join(map(repr, allowed))}"
 
 
+# sdcore.sampling.blends.BLENDS (tests/test_cli.py checks they agree); a literal so --help needs no torch import.
+BLEND_NAMES = ("a1111", "xt", "soft_inpainting", "differential")
+
+
 def _size(v: int) -> str | None:
     return None if 8 <= v <= 16384 and v % 8 == 0 else "must be a multiple of 8 in [8, 16384] (pixels)"
 
@@ -156,28 +158,30 @@ def _seed_resize(v: int) -> str | None:
     return None if v in (-1, 0) or 8 <= v <= 16384 else "must be -1 or 0 (off) or a size in [8, 16384] pixels"
 
 
-def _known(lookup_name: str) -> Callable[[str], str | None]:
-    """A check that a name resolves through `sdcore.sampling.<lookup_name>` (ValueError text = what is allowed)."""
-    def check(v: str) -> str | None:
-        import importlib
-
-        module, function = lookup_name.rsplit(".", 1)
-        try:
-            getattr(importlib.import_module(f"sdcore.sampling.{module}"), function)(v)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    return check
+def _lookup_problem(lookup: Callable[[str], Any], v: str) -> str | None:
+    """None if `lookup(v)` finds the name; else its ValueError text (what is allowed)."""
+    try:
+        lookup(v)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
-_sampler = _known("samplers.find_sampler")
-_scheduler = _known("schedules.find_scheduler")
+def _sampler(v: str) -> str | None:
+    # lazy: --help must not import torch
+    from ..sampling.samplers import find_sampler
+
+    return _lookup_problem(find_sampler, v)
+
+
+def _scheduler(v: str) -> str | None:
+    # lazy: --help must not import torch
+    from ..sampling.schedules import find_scheduler
+
+    return _lookup_problem(find_scheduler, v)
 
 
 def _colour(v: str) -> str | None:
-    from PIL import ImageColor
-
     try:
         ImageColor.getrgb(v)
     except ValueError:
@@ -186,20 +190,23 @@ def _colour(v: str) -> str | None:
 
 
 def _emphasis(v: str) -> str | None:
-    from .prompts import EMPHASIS_MODES
+    # lazy: --help must not import torch
+    from ..prompts import EMPHASIS_MODES
 
     return None if v in EMPHASIS_MODES else f"allowed: {', '.join(map(repr, EMPHASIS_MODES))}"
 
 
 def _hr_upscaler(v: str) -> str | None:
-    from .processing import StableDiffusionProcessingTxt2Img as P
+    # lazy: --help must not import torch
+    from ..processing import StableDiffusionProcessingTxt2Img as P
 
     allowed = [*P.LATENT_UPSCALERS, *P.PIXEL_UPSCALERS]
     return None if v in allowed else f"allowed: {', '.join(map(repr, allowed))}"
 
 
 def _randn_source(v: str) -> str | None:
-    from .rng import SOURCES
+    # lazy: --help must not import torch
+    from ..rng import SOURCES
 
     return None if v in SOURCES else f"allowed: {', '.join(map(repr, SOURCES))}"
 
@@ -268,6 +275,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("inpaint_full_res_padding", int, "'Only masked' padding around the mask's bounding box, pixels",
          default=32, check=_between(0, 16384), infotext="Masked area padding"),
     Flag("inpainting_mask_invert", int, "1 = inpaint what is not masked", check=_one_of(0, 1)),
+    Flag("mask_blend", str, "per-step mask blend: a1111 (x0 blend, default), xt (noised init latent, as diffusers), "
+         "soft_inpainting (A1111's soft inpainting with its default parameters), differential (the grey mask as a "
+         "per-pixel strength map)", check=lambda v: _one_of(*BLEND_NAMES)(v) if isinstance(v, str) else None),
     Flag("initial_noise_multiplier", float, "scale of the initial noise (default: 1)", check=_between(0, 100),
          infotext="Noise multiplier"),
     Flag("latent_mask", Path, "a separate mask (processing size) for the latent blend and the fill; needs --mask"),
@@ -375,7 +385,8 @@ INFOTEXT_NONE = {"Use same sampler", "Use same scheduler", "Automatic"}
 
 def processing_class(command: str):
     """The processing dataclass a command fills."""
-    from .processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
+    # lazy: keeps `import sdcore.cli` torch-free (but build_parser calls this, and processing imports torch)
+    from ..processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
 
     return StableDiffusionProcessingTxt2Img if command == "txt2img" else StableDiffusionProcessingImg2Img
 
@@ -383,7 +394,8 @@ def processing_class(command: str):
 def processing_flags(command: str = "img2img") -> tuple[Flag, ...]:
     """The flags of a command: FLAGS whose field its processing class has, plus a generic flag for any Options
     field added since the table was written."""
-    from .processing import Options
+    # lazy: keeps `import sdcore.cli` torch-free (but build_parser calls this, and processing imports torch)
+    from ..processing import Options
 
     cls_fields = {f.name for f in dataclasses.fields(processing_class(command)) if f.init}
     mine = tuple(f for f in FLAGS if f.is_option or f.field in cls_fields)
@@ -400,7 +412,8 @@ def field_default(flag: Flag, command: str = "img2img") -> Any:
         return COMMAND_DEFAULTS[command][flag.field]
     if flag.default is not FIELD_DEFAULT:
         return flag.default
-    from .processing import Options
+    # lazy: keeps `import sdcore.cli` torch-free (but build_parser calls this, and processing imports torch)
+    from ..processing import Options
 
     cls, name = (Options, flag.field[5:]) if flag.is_option else (processing_class(command), flag.field)
     for f in dataclasses.fields(cls):
@@ -535,8 +548,6 @@ def values_from_infotext(text: str, flags: tuple[Flag, ...], source: str = "--fr
     resize" key turns the hires fix on (as A1111's paste does). Absent keys that A1111 omits at their default
     (`INFOTEXT_ABSENT`) set that default. Raises UsageError for a text without a parameter line or a bad value.
     """
-    from .infotext import parse_infotext
-
     params = parse_infotext(text)
     if set(params) <= {"Prompt", "Negative prompt"}:
         raise UsageError(f"{source}no A1111 parameter line ('Steps: ..., Sampler: ..., ...') in the text")
@@ -547,6 +558,16 @@ def values_from_infotext(text: str, flags: tuple[Flag, ...], source: str = "--fr
     by_key = {f.infotext: f for f in flags if f.infotext}
     values: dict[str, Any] = {"enable_hr": hires} if "enable_hr" in fields else {}
     unused = []
+    if "mask_blend" in fields:
+        from ..sampling.blends import MASK_BLEND_KEY, SOFT_INPAINTING_ENABLED_LABEL, SOFT_INPAINTING_LABELS, \
+            blend_from_infotext  # lazy: the blends module imports torch
+        blend_keys = {MASK_BLEND_KEY, SOFT_INPAINTING_ENABLED_LABEL, *SOFT_INPAINTING_LABELS.values()}
+        if blend_keys & set(params):
+            try:
+                values["mask_blend"] = blend_from_infotext(params)
+            except ValueError as e:
+                raise UsageError(f"{source}{e}") from None
+            params = {k: v for k, v in params.items() if k not in blend_keys}
     for key, raw in params.items():
         if key == "Mask blur" and "mask_blur_x" in fields:
             values["mask_blur_x"] = values["mask_blur_y"] = _parse_infotext_value(fields["mask_blur_x"], key, raw,
@@ -604,8 +625,6 @@ def open_image(path: Path, arg: str):
 
     Decompression bombs (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels) are refused, not just warned about.
     """
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -617,478 +636,3 @@ def open_image(path: Path, arg: str):
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{arg}: cannot read image {path} ({e.__class__.__name__}: {e})") from e
 
-
-def write_new_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Create `path` with `write(tmp)` without ever overwriting, and without a half-written file at `path`.
-
-    The content goes to a hidden temporary name in the same folder and is then hard-linked to `path` (the link fails
-    if `path` exists, so nothing is overwritten even by a concurrent run); an interrupted write leaves no `path`.
-    Raises FileExistsError if `path` exists.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write(tmp)
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save_png(image, infotext: str) -> Callable[[Path], None]:
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext)
-    return lambda tmp: image.save(tmp, format="PNG", pnginfo=info)
-
-
-@dataclass
-class Task:
-    """One img2img job of a run: the init image (and mask) files and, in batch mode, the outputs to create."""
-
-    init: Path | None  # None for txt2img
-    mask: Path | None
-    outputs: list[Path] = dataclasses.field(default_factory=list)
-    batch: bool = False
-
-    @property
-    def done(self) -> bool:
-        return bool(self.outputs) and all(p.exists() for p in self.outputs)
-
-
-def _image_files(directory: Path, arg: str) -> list[Path]:
-    from PIL import Image
-
-    if not directory.is_dir():
-        raise UsageError(f"{arg}: {directory} is not a directory")
-    extensions = set(Image.registered_extensions())
-    files = sorted(f for f in directory.iterdir()
-                   if f.suffix.lower() in extensions and not f.name.startswith(".") and f.is_file())
-    stems: dict[str, Path] = {}
-    for f in files:
-        if f.stem in stems:
-            raise UsageError(f"{arg}: {stems[f.stem].name} and {f.name} share the stem {f.stem!r}")
-        stems[f.stem] = f
-    return files
-
-
-def batch_tasks(input_dir: Path, mask_dir: Path | None, output_dir: Path | None, n_images: int) -> list[Task]:
-    """One Task per image of `input_dir` (sorted by name): its mask `mask_dir/<stem>.*` and outputs in output_dir.
-
-    Outputs are `<stem>.png`, or `<stem>-<k>.png` for k < n_images when a job makes several images. A mask folder
-    holding a single image uses it for every input (as A1111's batch tab does). UsageError for a missing or
-    ambiguous mask, an empty input folder, or an output folder that is the input folder.
-    """
-    inputs = _image_files(input_dir, "--input-dir")
-    if not inputs:
-        raise UsageError(f"--input-dir: no image files in {input_dir}")
-    if output_dir is not None and output_dir.resolve() == input_dir.resolve():
-        raise UsageError(f"--output-dir: {output_dir} is the input folder; outputs would shadow inputs")
-    masks = {m.stem: m for m in _image_files(mask_dir, "--mask-dir")} if mask_dir is not None else None
-    if masks is not None and not masks:
-        raise UsageError(f"--mask-dir: no image files in {mask_dir}")
-    tasks = []
-    for f in inputs:
-        mask = None
-        if masks is not None:
-            mask = next(iter(masks.values())) if len(masks) == 1 else masks.get(f.stem)
-            if mask is None:
-                raise UsageError(f"--mask-dir: no mask for {f.name} (looked for {f.stem}.* in {mask_dir})")
-        names = [f"{f.stem}.png"] if n_images == 1 else [f"{f.stem}-{k}.png" for k in range(n_images)]
-        tasks.append(Task(f, mask, [output_dir / n for n in names] if output_dir is not None else [], batch=True))
-    return tasks
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Running jobs
-
-
-def _load_model(path: Path, device: str, dtype: str, vae: Path | None = None, prediction: str | None = None):
-    import torch
-
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(path, device=device, dtype=getattr(torch, dtype), vae=vae, prediction=prediction)
-
-
-def make_processing(sd, values: dict[str, Any], command: str, init=None, mask=None, latent_mask=None,
-                    outdir: Path | None = None):
-    """The command's processing object from resolved flag values (width/height None -> the model's native size)."""
-    from .processing import Options
-
-    fields = {k: v for k, v in values.items() if not k.startswith("opts.")}
-    opts = Options(**{k[5:]: v for k, v in values.items() if k.startswith("opts.")})
-    size = sd.family.native_size
-    fields.update(width=fields["width"] or size, height=fields["height"] or size)
-    if command != "txt2img":
-        fields.update(init_images=[init], mask=mask, latent_mask=latent_mask)
-    return processing_class(command)(sd_model=sd, opts=opts, outpath_samples=None if outdir is None else str(outdir),
-                                     **fields)
-
-
-def _check_run_args(args, values: dict[str, Any]) -> None:
-    if args.trace is not None:
-        if getattr(args, "input_dir", None) is not None:
-            raise UsageError("--trace: records one job; not with --input-dir")
-        if args.trace.suffix != ".safetensors":
-            raise UsageError(f"--trace: {args.trace}; the file name must end in .safetensors")
-        if args.trace.exists():
-            raise UsageError(f"--trace: {args.trace} exists; traces are never overwritten")
-        if not args.trace.parent.is_dir():
-            raise UsageError(f"--trace: folder {args.trace.parent} does not exist")
-    for flag, folder in (("--outdir", args.outdir), ("--output-dir", getattr(args, "output_dir", None))):
-        if folder is not None and folder.exists() and not folder.is_dir():
-            raise UsageError(f"{flag}: {folder} exists and is not a folder")
-    if args.command == "txt2img":
-        return
-    batch = args.input_dir is not None
-    if batch and args.init is not None:
-        raise UsageError(f"init: {args.init}; give an init image or --input-dir, not both")
-    if not batch and args.init is None:
-        raise UsageError("init: missing; give an init image file or --input-dir DIR")
-    if batch and args.output_dir is None and not args.explain:
-        raise UsageError("--output-dir: missing; batch mode (--input-dir) writes <stem>.png files there")
-    if not batch and (args.output_dir is not None or args.mask_dir is not None):
-        flag = "--output-dir" if args.output_dir is not None else "--mask-dir"
-        raise UsageError(f"{flag}: only with --input-dir (single images go to --outdir)")
-    if batch and args.outdir is not None:
-        raise UsageError("--outdir: not with --input-dir (batch outputs go to --output-dir)")
-    if batch and values["mask"] is not None:
-        raise UsageError("--mask: not with --input-dir (use --mask-dir)")
-    if args.command == "inpaint" and values["mask"] is None and args.mask_dir is None:
-        raise UsageError("--mask: inpaint needs a mask (--mask FILE, or --mask-dir with --input-dir)")
-    if values["latent_mask"] is not None and values["mask"] is None and args.mask_dir is None:
-        raise UsageError("--latent-mask: only used together with a mask (--mask)")
-
-
-def _open_inputs(task: Task, values: dict[str, Any]):
-    """(init, mask, latent mask) images of a task (None for txt2img), checked for matching sizes."""
-    if task.init is None:
-        return None, None, None
-    init = open_image(task.init, f"--input-dir {task.init.name}" if task.batch else "init")
-    mask_arg = f"--mask-dir {task.mask.name if task.mask else ''}" if task.batch else "--mask"
-    mask = open_image(task.mask, mask_arg) if task.mask is not None else None
-    if mask is not None and mask.size != init.size:
-        raise UsageError(f"{mask_arg}: size {mask.size[0]}x{mask.size[1]} differs from the init image's "
-                         f"{init.size[0]}x{init.size[1]} ({task.init.name})")
-    latent_mask = open_image(values["latent_mask"], "--latent-mask") if values["latent_mask"] else None
-    return init, mask, latent_mask
-
-
-def _check_processing(p) -> None:
-    """What processing would reject at run time, checked before anything is written."""
-    p.validate()
-    if getattr(p, "latent_mask", None) is not None and p.latent_mask.size != (p.width, p.height):
-        raise UsageError(f"--latent-mask: size {p.latent_mask.size[0]}x{p.latent_mask.size[1]}; must be the "
-                         f"processing size {p.width}x{p.height}")
-
-
-def run_generate(args) -> int:
-    """img2img, inpaint and txt2img: resolve the values, check every input, then explain or run each job."""
-    values, unused = resolve_values(args, processing_flags(args.command))
-    _check_run_args(args, values)
-    command = "txt2img" if args.command == "txt2img" else "img2img"
-    batch = getattr(args, "input_dir", None) is not None
-    if batch:
-        tasks = batch_tasks(args.input_dir, args.mask_dir, args.output_dir, values["batch_size"] * values["n_iter"])
-    else:
-        tasks = [Task(getattr(args, "init", None), values.get("mask"))]
-    todo = [t for t in tasks if args.explain or not t.done]
-    for t in tasks:
-        if t not in todo:
-            print(f"skip: {t.init.name}: {', '.join(str(p) for p in t.outputs)} exist", file=sys.stderr)
-    if unused:
-        print(f"sdcore: note: infotext keys not used: {', '.join(unused)}", file=sys.stderr)
-
-    sd = _load_model(args.ckpt, args.device, args.dtype, args.vae, args.prediction)
-    outdir = None if batch else (args.outdir or DEFAULT_OUTDIRS[args.command])
-    # Everything that can be checked is checked for every task before the first file is written.
-    for task in todo:
-        _check_processing(make_processing(sd, values, command, *_open_inputs(task, values), outdir=outdir))
-    if args.explain:
-        for task in todo:
-            print(explain(sd, values, command, task))
-        return 0
-    from tqdm.auto import tqdm
-
-    for task in tqdm(todo, desc="images", unit="input", disable=None if len(todo) > 1 else True):
-        run_task(sd, values, command, task, outdir, args.trace)
-    return 0
-
-
-def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path | None, trace: Path | None) -> None:
-    """Run one job; print the saved paths. Batch tasks write only their missing outputs."""
-    from .processing import process_images
-
-    p = make_processing(sd, values, command, *_open_inputs(task, values), outdir=outdir)
-    recorder = None
-    if trace is not None:
-        from .sampling.samplers import TraceRecorder
-
-        recorder = TraceRecorder()
-    processed = process_images(p, model_callback=recorder, disable_progress=None)
-    for path in processed.paths:
-        print(path)
-    if task.batch:
-        task.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-        for path, image, text in zip(task.outputs, processed.images, processed.infotexts):
-            try:
-                write_new_file(path, _save_png(image, text))
-            except FileExistsError:  # written meanwhile (another run on the same folders): keep it
-                print(f"skip: {path} exists", file=sys.stderr)
-                continue
-            print(path)
-    if recorder is not None:
-        meta = {"index": "model call", "command": command, "sampler": p.sampler.name, "scheduler": str(p.scheduler),
-                "steps": str(p.steps),
-                "denoising_strength": str(p.denoising_strength), "seeds": json.dumps(processed.seeds),
-                "infotext": processed.infotexts[0], "calls": str(len(recorder.records))}
-        write_new_file(trace, lambda tmp: recorder.save(tmp, metadata=meta))
-        print(trace)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# --explain: a dry run through process_images with recording stand-ins for the UNet and the VAE
-
-
-def _recording_unet(out_channels: int, events: list):
-    import torch
-
-    class RecordingUNet(torch.nn.Module):
-        """Stands in for the UNet: records ("call", rows, timestep) per call, returns zeros (eps = 0: denoised = x)."""
-
-        def forward(self, x, timesteps, context=None, y=None):
-            events.append(("call", x.shape[0], float(timesteps.reshape(-1)[0])))
-            return x.new_zeros(x.shape[0], out_channels, *x.shape[2:])
-
-    return RecordingUNet()
-
-
-def _zero_vae(config):
-    import torch
-
-    from .models.vae import DiagonalGaussianDistribution
-
-    factor = 2 ** (len(config.ch_mult) - 1)
-
-    class ZeroVAE(torch.nn.Module):
-        """Stands in for the VAE: zero latents and zero pixels of the right shapes."""
-
-        def encode(self, x):
-            b, _, h, w = x.shape
-            return DiagonalGaussianDistribution(x.new_zeros(b, 2 * config.embed_dim, h // factor, w // factor))
-
-        def decode(self, z):
-            b, _, h, w = z.shape
-            return z.new_zeros(b, config.out_ch, h * factor, w * factor)
-
-    return ZeroVAE()
-
-
-def split_passes(events: list[tuple]) -> list[list[tuple[int, float]]]:
-    """Group recorded UNet calls into sampling passes: a pass starts at a sampler callback with step index 0.
-
-    `events`: ("call", rows, timestep) from the recording UNet and ("step", i) from the sampler callback, in order.
-    A call belongs to the pass of the next callback (samplers call the model, then the callback).
-    """
-    passes: list[list[tuple[int, float]]] = []
-    pending: list[tuple[int, float]] = []
-    for kind, *data in events:
-        if kind == "call":
-            pending.append((data[0], data[1]))
-            continue
-        if data[0] == 0 or not passes:
-            passes.append([])
-        passes[-1] += pending
-        pending = []
-    if pending:
-        passes.append(pending) if not passes else passes[-1].extend(pending)
-    return passes
-
-
-@dataclass
-class Plan:
-    """What a job will do, read off a dry run (see `dry_run`).
-
-    `passes`: the UNet calls (rows, timestep) of each sampling pass, in order (n_iter passes, or 2 * n_iter with
-    the hires fix). img2img: `steps`, `t_enc` from `setup_img2img_steps`, `sigma_sched` the tail of the schedule
-    (t_enc + 2 values) or, for timestep samplers, `timesteps` the grid. txt2img: `sigma_sched` the whole schedule,
-    t_enc None; `hr_steps`, `hr_t_enc` for the hires pass.
-    """
-
-    p: Any
-    processed: Any
-    passes: list[list[tuple[int, float]]]
-    steps: int
-    t_enc: int | None
-    sigma_sched: Any
-    timesteps: Any
-    hr_steps: int | None = None
-    hr_t_enc: int | None = None
-
-    @property
-    def unet_calls(self) -> list[tuple[int, float]]:
-        return [c for calls in self.passes for c in calls]
-
-
-def dry_run(sd, values: dict[str, Any], task: Task, command: str = "img2img") -> Plan:
-    """Run `process_images` on the job with the UNet and VAE replaced by recording stand-ins (text encoder real).
-
-    Seeds, masks, crop regions, schedules and the sampler's calls come from the same processing code as a real
-    run. Only values that depend on the UNet's output differ: DPM adaptive's step count. Nothing is saved.
-    """
-    from .processing import process_images
-    from .sampling import schedules
-
-    fam, events = sd.family, []
-    stub = dataclasses.replace(sd, unet=_recording_unet(fam.unet.out_channels, events), vae=_zero_vae(fam.vae),
-                               path=None)
-    p = make_processing(stub, values, command, *_open_inputs(task, values))
-    processed = process_images(p, callback=lambda d: events.append(("step", int(d["i"]))), disable_progress=True)
-    plan = Plan(p, processed, split_passes(events), p.steps, None, None, None)
-    if command == "txt2img":
-        plan.sigma_sched = p.get_sigmas(p.steps) if p.sampler.kind != "timestep" else None
-        if p.enable_hr:
-            plan.hr_steps, plan.hr_t_enc = schedules.setup_img2img_steps(
-                p.hr_second_pass_steps or p.steps, p.denoising_strength, fix_steps=True)
-    else:
-        plan.steps, plan.t_enc = schedules.setup_img2img_steps(p.steps, p.denoising_strength, p.opts.img2img_fix_steps)
-        if p.sampler.kind != "timestep":
-            plan.sigma_sched = schedules.img2img_sigmas(p.get_sigmas(plan.steps), plan.steps, plan.t_enc)
-    if p.sampler.kind == "timestep":
-        from .sampling.timesteps import get_timesteps
-
-        plan.timesteps = get_timesteps(plan.steps, p.sampler.discard_next_to_last_sigma)
-    return plan
-
-
-def _numbers(values, fmt: str = "{:.4f}") -> str:
-    return ", ".join(fmt.format(float(v)) for v in values)
-
-
-def _calls_line(p, name: str, calls: list[tuple[int, float]], n_passes: int, timestep: bool) -> list[str]:
-    import torch
-
-    rows = sum(r for r, _ in calls)
-    note = " (DPM adaptive: the count depends on the model's outputs)" if p.sampler.name == "DPM adaptive" else ""
-    lines = [f"{name}model calls: {len(calls)} per batch x {n_passes} batch(es); UNet rows per batch: {rows} "
-             f"(batch {p.batch_size} x 2 for cond + uncond in each call){note}"]
-    if timestep:
-        lines.append(f"{name}model call timesteps: {_numbers([t for _, t in calls], '{:.0f}')}")
-    elif calls:
-        sigmas = p.denoiser_schedule().t_to_sigma(torch.tensor([t for _, t in calls]))
-        lines.append(f"{name}model call sigmas: {_numbers(sigmas)}")
-    return lines
-
-
-def explain(sd, values: dict[str, Any], command: str, task: Task) -> str:
-    """The plan of one job as text: t_enc, sigmas, model calls, mask coverage, crop region, seeds."""
-    plan = dry_run(sd, values, task, command)
-    p, processed = plan.p, plan.processed
-    h, w = p.height // 8, p.width // 8
-    lines = [f"model: {sd.family.name} ({sd.path}); size {p.width}x{p.height} px = latent {w}x{h} cells"]
-    if task.init is not None:
-        lines.insert(0, f"input: {task.init}" + (f" -> {', '.join(map(str, task.outputs))}" if task.outputs else ""))
-    timestep = p.sampler.kind == "timestep"
-    scheduler = "" if timestep else f"; scheduler: {p.extra_generation_params.get('Schedule type', 'Uniform')}"
-    order = " (second order: two model calls per step)" if p.sampler.second_order else ""
-    lines.append(f"sampler: {p.sampler.name}{scheduler}{order}")
-    if command == "txt2img":
-        lines.append(f"steps: {p.steps} from pure noise")
-        if plan.sigma_sched is not None:
-            lines.append(f"sigmas ({len(plan.sigma_sched)} values): {_numbers(plan.sigma_sched)}")
-    else:
-        fix = " (img2img-fix-steps)" if p.opts.img2img_fix_steps else ""
-        lines.append(f"steps: {p.steps}, denoising strength {p.denoising_strength} -> a schedule of {plan.steps} "
-                     f"steps{fix}, t_enc = {plan.t_enc}")
-        if timestep:
-            lines.append(f"timesteps: noise level of t = {int(plan.timesteps[plan.t_enc])}, then the sampler walks "
-                         f"{_numbers(reversed(plan.timesteps[:plan.t_enc]), '{:.0f}')}")
-        else:
-            lines.append(f"sigma slice: the last {plan.t_enc + 1} steps, {len(plan.sigma_sched)} values (noise added "
-                         f"at the first): {_numbers(plan.sigma_sched)}")
-    per_batch = len(plan.passes) // p.n_iter
-    lines += _calls_line(p, "first pass " if per_batch == 2 else "", plan.passes[0], p.n_iter, timestep)
-    if per_batch == 2:
-        hw, hh = p.hr_size()
-        lines.append(f"hires pass: {p.hr_upscaler or 'Latent'} to {hw}x{hh} px, {p.hr_second_pass_steps or p.steps} "
-                     f"steps at denoising strength {p.denoising_strength} -> a schedule of {plan.hr_steps} steps, "
-                     f"t_enc = {plan.hr_t_enc}")
-        hr_timestep = find_sampler_kind(p.hr_sampler_name) if p.hr_sampler_name else timestep
-        lines += _calls_line(p, "hires pass ", plan.passes[1], p.n_iter, hr_timestep)
-    if processed.nmask is not None:
-        nmask = processed.nmask[0, 0].float()
-        cells = int((nmask > 0).sum())
-        lines.append(f"mask coverage: {cells} of {h * w} latent cells regenerated ({cells / (h * w):.4f}); "
-                     f"mean regenerate weight {float(nmask.mean()):.4f}")
-        lines.append(f"masked content: {['fill', 'original', 'latent noise', 'latent nothing'][p.inpainting_fill]}")
-    elif command != "txt2img":
-        lines.append("mask: none (every latent cell regenerated)")
-    if getattr(p, "paste_to", None) is not None:
-        x, y, pw, ph = p.paste_to
-        lines.append(f"inpaint area: only masked; crop region (x1, y1, x2, y2) = ({x}, {y}, {x + pw}, {y + ph}), "
-                     f"processed at {p.width}x{p.height}, pasted back at {pw}x{ph}")
-    elif processed.nmask is not None:
-        lines.append("inpaint area: whole picture")
-    for comment in processed.comments.values():
-        lines.append(f"note: {comment}")
-    seeds = ", ".join(f"{s}" + (f" (variation {v} at {p.subseed_strength})" if p.subseed_strength else "")
-                      for s, v in zip(processed.seeds, processed.subseeds))
-    lines.append(f"seeds ({len(processed.seeds)} images): {seeds}")
-    return "\n".join(lines)
-
-
-def find_sampler_kind(name: str) -> bool:
-    """True if the named sampler is a timestep sampler (DDIM, PLMS, UniPC)."""
-    from .sampling.samplers import find_sampler
-
-    return find_sampler(name)[0].kind == "timestep"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# info, samplers, main
-
-
-def run_info(args) -> int:
-    from .checkpoint import load_checkpoint
-
-    sd = load_checkpoint(args.ckpt, vae=args.vae, prediction=args.prediction)
-    print(f"file: {args.ckpt}")
-    print(f"family: {sd.family.name} (prediction {sd.family.prediction}, native {sd.family.native_size} px)")
-    for r in sd.reasons:
-        print(f"  because: {r}")
-    components = sd.components()
-    for name, count in sd.parameter_counts().items():
-        print(f"{name}: {count:,} parameters, compute dtype {next(components[name].parameters()).dtype}")
-    print("file dtypes: " + ", ".join(f"{k} x{n}" for k, n in sd.file_dtypes.items()))
-    print(f"model hash (sha256[:10]): {sd.shorthash()}")
-    return 0
-
-
-def run_samplers(args) -> int:
-    from .sampling.samplers import SAMPLERS
-
-    for s in SAMPLERS:
-        print(f"{s.name:20s} aliases: {', '.join(s.aliases) or '-':30s} scheduler: {s.scheduler or 'uniform'}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `sdcore` console script; returns the exit status (2 for bad input)."""
-    from .checkpoint import CheckpointError
-
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a parse error (2, already printed in one line)
-        return e.code if isinstance(e.code, int) else 2
-    run = {"img2img": run_generate, "inpaint": run_generate, "txt2img": run_generate, "info": run_info,
-           "samplers": run_samplers}[args.command]
-    try:
-        return run(args)
-    except (ValueError, TypeError, NotImplementedError, CheckpointError, OSError) as e:
-        message = " ".join(str(e).split("\n"))
-        print(f"sdcore: error: {message}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

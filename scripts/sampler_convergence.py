@@ -40,7 +40,7 @@ from sdcore.sampling import samplers as S  # noqa: E402
 from sdcore.sampling.schedules import get_sigmas_karras  # noqa: E402
 from tests.oracles import GaussianMixture  # noqa: E402
 
-SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642  # SD1 model range (spec 13)
+SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642  # SD1 model range (a1111-semantics §13)
 STEPS = [5, 7, 10, 14, 20, 28, 40, 56, 80, 112, 160, 200]
 FIT_FROM, ROUNDOFF = 20, 1e-11
 BATCH, DIM = 16, 3

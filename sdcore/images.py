@@ -1,11 +1,11 @@
 """Image and mask helpers for img2img and inpainting, with A1111 v1.10.1 semantics.
 
 Every function is a pure function of its arguments (it never changes an input image) and names the section of
-`shared/spec/a1111-img2img.md` ("spec") and the reference function it follows.
+`docs/a1111-semantics.md` (cited "a1111-semantics §N") and the reference function it follows.
 
 Glossary
 - Images are PIL images, sizes are `(W, H)` in pixels. A mask is a PIL image, usually mode "L":
-  255 = regenerate this pixel, 0 = keep it (spec 0).
+  255 = regenerate this pixel, 0 = keep it (a1111-semantics §0).
 - A crop region is `(x1, y1, x2, y2)` in pixels, right/bottom exclusive (PIL box); `paste_to` is `(x, y, w, h)`.
 - Latent cells: the latent grid is `W/8 x H/8`; `latent_mask` returns one weight per cell.
 """
@@ -32,10 +32,10 @@ RESIZE_MODES = {
     3: "Just resize (latent upscale)",
 }
 
-# masking.fill: (Gaussian radius in pixels, times the blurred layer is composited), widest first (spec 4).
+# masking.fill: (Gaussian radius in pixels, times the blurred layer is composited), widest first (a1111-semantics §4).
 FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
-# Characters A1111 replaces by "_" in file name parts (modules/images.py `invalid_filename_chars`, spec 9.4).
+# Characters A1111 replaces by "_" in file name parts (modules/images.py `invalid_filename_chars`, a1111-semantics §9.4).
 INVALID_FILENAME_CHARS = '#<>:"/\\|?*\n\r\t'
 MAX_FILENAME_PART_LENGTH = 128
 
@@ -62,12 +62,12 @@ def _check_same_size(name_a: str, a: Image.Image, name_b: str, b: Image.Image) -
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Geometry (spec 3)
+# Geometry (a1111-semantics §3)
 # ---------------------------------------------------------------------------------------------------------------
 
 def resize_geometry(mode: int, im_w: int, im_h: int, width: int, height: int
                     ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Size `(src_w, src_h)` of the scaled image and its paste offset `(x, y)` for resize modes 1-3 (spec 3.1).
+    """Size `(src_w, src_h)` of the scaled image and its paste offset `(x, y)` for resize modes 1-3 (a1111-semantics §3.1).
 
     Reference: `modules/images.py` `resize_image`. With `ratio = width/height`, `src_ratio = im_w/im_h`:
     - mode 1 (cover): `src_w = width if ratio > src_ratio else im_w*height//im_h`,
@@ -96,7 +96,7 @@ def resize_geometry(mode: int, im_w: int, im_h: int, width: int, height: int
 
 
 def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize `im` to `width x height` pixels with one of A1111's four resize modes (spec 3.1).
+    """Resize `im` to `width x height` pixels with one of A1111's four resize modes (a1111-semantics §3.1).
 
     Reference: `modules/images.py` `resize_image` with no upscaler (`opts.upscaler_for_img2img` None), so every inner
     resize is a plain Lanczos resize.
@@ -105,7 +105,7 @@ def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.I
       a black RGB canvas; negative offsets crop symmetrically.
     - 2 "Resize and fill" and 3 "Just resize (latent upscale)": scale to fit inside, paste centred on a black RGB
       canvas, then fill the empty bands by stretching the edge row (top/bottom bands) or edge column (left/right
-      bands) with a bicubic resize of a zero-height/zero-width box. Mode 3 is not special here (spec 3.1); its
+      bands) with a bicubic resize of a zero-height/zero-width box. Mode 3 is not special here (a1111-semantics §3.1); its
       latent upscale happens in processing.
     Modes 1-3 always return mode "RGB", even for an "L" mask.
 
@@ -142,7 +142,7 @@ def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.I
 
 
 def get_crop_region_v2(mask: Image.Image, pad: int = 0) -> tuple[int, int, int, int] | None:
-    """Bounding box of the non-zero pixels of an "L" mask, grown by `pad` pixels and clamped to the image (spec 2.2.4).
+    """Bounding box of the non-zero pixels of an "L" mask, grown by `pad` pixels and clamped to the image (a1111-semantics §2.2.4).
 
     Reference: `modules/masking.py` `get_crop_region_v2`. Returns `(x1, y1, x2, y2)` (right/bottom exclusive), the bare
     bbox when `pad == 0`, or None for an all-zero mask. A blurred mask's bbox includes the blur halo.
@@ -163,7 +163,7 @@ def get_crop_region_v2(mask: Image.Image, pad: int = 0) -> tuple[int, int, int, 
 
 
 def _expand_axis(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
-    """Grow `[lo, hi)` by `diff` (half each side, the odd pixel after), shift back inside `[0, limit)`, spec 3.2."""
+    """Grow `[lo, hi)` by `diff` (half each side, the odd pixel after), shift back inside `[0, limit)`, a1111-semantics §3.2."""
     lo -= diff // 2
     hi += diff - diff // 2
     if hi >= limit:
@@ -179,7 +179,7 @@ def _expand_axis(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
 
 def expand_crop_region(crop_region: tuple[int, int, int, int], processing_width: int, processing_height: int,
                        image_width: int, image_height: int) -> tuple[int, int, int, int]:
-    """Grow a crop region to the processing aspect ratio, then shift it back inside the image (spec 3.2).
+    """Grow a crop region to the processing aspect ratio, then shift it back inside the image (a1111-semantics §3.2).
 
     Reference: `modules/masking.py` `expand_crop_region`. With `r_crop = (x2-x1)/(y2-y1)` and
     `r_proc = processing_width/processing_height`: if `r_crop > r_proc` the height grows by
@@ -208,11 +208,11 @@ def expand_crop_region(crop_region: tuple[int, int, int, int], processing_width:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Flatten and masks (spec 2.2, 2.5.2, 2.9)
+# Flatten and masks (a1111-semantics §2.2, 2.5.2, 2.9)
 # ---------------------------------------------------------------------------------------------------------------
 
 def flatten(img: Image.Image, bgcolor: str | tuple[int, ...] = "#ffffff") -> Image.Image:
-    """Composite an RGBA image over `bgcolor` and return RGB; other modes are just converted to RGB (spec 2.5.2).
+    """Composite an RGBA image over `bgcolor` and return RGB; other modes are just converted to RGB (a1111-semantics §2.5.2).
 
     Reference: `modules/images.py` `flatten` (PIL paste of the image through its own alpha onto an opaque canvas;
     default colour = `opts.img2img_background_color` "#ffffff"). `bgcolor` is any PIL colour spec.
@@ -226,7 +226,7 @@ def flatten(img: Image.Image, bgcolor: str | tuple[int, ...] = "#ffffff") -> Ima
 
 
 def create_binary_mask(mask: Image.Image, round: bool = True) -> Image.Image:
-    """Turn a user mask into an "L" mask, 255 = regenerate (spec 2.2.1).
+    """Turn a user mask into an "L" mask, 255 = regenerate (a1111-semantics §2.2.1).
 
     Reference: `modules/processing.py` `create_binary_mask`. An RGBA mask whose alpha is not all 255 is read from its
     alpha channel; with `round` it is binarised `255 if a > 128 else 0` (128 -> 0, 129 -> 255), without it the alpha is
@@ -245,7 +245,7 @@ def create_binary_mask(mask: Image.Image, round: bool = True) -> Image.Image:
 def mask_blur_kernel_size(blur: float) -> int:
     """Gaussian kernel length A1111 uses for a mask blur of sigma `blur` pixels: `2*int(2.5*blur + 0.5) + 1`.
 
-    Spec 2.2.3 / 13: blur 1 -> 7, 2 -> 11, 4 -> 21, 8 -> 41, 16 -> 81, 64 -> 321. Raises ValueError for a negative
+    a1111-semantics §2.2.3 / 13: blur 1 -> 7, 2 -> 11, 4 -> 21, 8 -> 41, 16 -> 81, 64 -> 321. Raises ValueError for a negative
     or non-real blur.
     """
     if isinstance(blur, bool) or not isinstance(blur, Real) or not blur >= 0:
@@ -293,7 +293,7 @@ def _gaussian_blur_u8_axis(a: np.ndarray, sigma: float, axis: int) -> np.ndarray
 
 
 def blur_mask(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:
-    """Gaussian-blur an "L" mask exactly as A1111's `cv2.GaussianBlur` calls do, x first, then y (spec 2.2.3).
+    """Gaussian-blur an "L" mask exactly as A1111's `cv2.GaussianBlur` calls do, x first, then y (a1111-semantics §2.2.3).
 
     Reference: `modules/processing.py` `StableDiffusionProcessingImg2Img.init` (mask blur). For each axis with a blur
     `b > 0` (sigma in pixels), one pass with kernel length `mask_blur_kernel_size(b)` and OpenCV's uint8 fixed-point
@@ -315,10 +315,10 @@ def blur_mask(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:
 
 
 def double_mask_for_overlay(mask: Image.Image) -> Image.Image:
-    """`mask_for_overlay` for "Whole picture" inpainting: `min(2*v, 255)` of the (blurred, resized) mask (spec 2.2.5).
+    """`mask_for_overlay` for "Whole picture" inpainting: `min(2*v, 255)` of the (blurred, resized) mask (a1111-semantics §2.2.5).
 
     Reference: `modules/processing.py` `StableDiffusionProcessingImg2Img.init`. Values >= 128 become 255, so the
-    original only shows through the outer half of the blur ramp: 100 -> 200, 127 -> 254, 128 -> 255 (spec 13). The
+    original only shows through the outer half of the blur ramp: 100 -> 200, 127 -> 254, 128 -> 255 (a1111-semantics §13). The
     mask is read as "L" (modes 1/2 of `resize_image` return grey RGB, whose L is the same value). Returns mode "L".
     """
     _check_image("mask", mask)
@@ -328,12 +328,12 @@ def double_mask_for_overlay(mask: Image.Image) -> Image.Image:
 
 def latent_mask(mask: Image.Image, latent_w: int, latent_h: int, round: bool = True, *,
                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Regenerate weight per latent cell, `nmask`, shape `[1, 1, latent_h, latent_w]`, values in [0, 1] (spec 2.9).
+    """Regenerate weight per latent cell, `nmask`, shape `[1, 1, latent_h, latent_w]`, values in [0, 1] (a1111-semantics §2.9).
 
     Reference: `modules/processing.py` `StableDiffusionProcessingImg2Img.init` (latmask). The processing-size mask is
     converted to RGB and resized with PIL's default filter (bicubic, area-aware when shrinking), channel 0 is divided by
     255 and, with `round`, rounded with `np.around` (>= 0.5 -> 1, ties to even). 1 = regenerate, 0 = keep; the keep
-    mask is `1 - nmask`. Processing repeats the channel to the latent's channel count. Example (spec 13): a 16x16 white
+    mask is `1 - nmask`. Processing repeats the channel to the latent's channel count. Example (a1111-semantics §13): a 16x16 white
     square at (24..39) of a 64x64 mask -> 8x8, centre 2x2 cells 0.871 before rounding, exactly those 4 cells after.
     `device` None = torch's default device.
     """
@@ -348,7 +348,7 @@ def latent_mask(mask: Image.Image, latent_w: int, latent_h: int, round: bool = T
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fill, overlay (spec 4, 2.5.4, 9.1)
+# Fill, overlay (a1111-semantics §4, 2.5.4, 9.1)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _premultiplied_through_inverted_mask(image: Image.Image, mask: Image.Image) -> Image.Image:
@@ -359,7 +359,7 @@ def _premultiplied_through_inverted_mask(image: Image.Image, mask: Image.Image) 
 
 
 def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """Inpainting fill 0 "fill": replace the masked area by blurred surroundings (spec 4).
+    """Inpainting fill 0 "fill": replace the masked area by blurred surroundings (a1111-semantics §4).
 
     Reference: `modules/masking.py` `fill`. The image gets alpha `255 - mask` (premultiplied); for each
     `(radius, repeats)` of `FILL_LAYERS` it is blurred with PIL `GaussianBlur(radius)`, un-premultiplied and
@@ -380,7 +380,7 @@ def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 
 def make_overlay(image: Image.Image, mask_for_overlay: Image.Image) -> Image.Image:
-    """The original image as RGBA with alpha `255 - mask_for_overlay`, pasted back after generation (spec 2.5.4).
+    """The original image as RGBA with alpha `255 - mask_for_overlay`, pasted back after generation (a1111-semantics §2.5.4).
 
     Reference: `modules/processing.py` `StableDiffusionProcessingImg2Img.init` (overlay_images): a paste into an empty
     premultiplied 'RGBa' canvas through the inverted mask, converted to RGBA, so colours where alpha is small carry
@@ -394,7 +394,7 @@ def make_overlay(image: Image.Image, mask_for_overlay: Image.Image) -> Image.Ima
 
 
 def uncrop(image: Image.Image, dest_size: tuple[int, int], paste_to: tuple[int, int, int, int]) -> Image.Image:
-    """Put a processed crop back at its place on a transparent RGBA canvas of `dest_size` (spec 9.1).
+    """Put a processed crop back at its place on a transparent RGBA canvas of `dest_size` (a1111-semantics §9.1).
 
     Reference: `modules/processing.py` `uncrop`: the crop is resized to `(w, h)` with `resize_image(1, ...)` (crop and
     resize) and pasted at `(x, y)`, `paste_to = (x, y, w, h)`.
@@ -408,7 +408,7 @@ def uncrop(image: Image.Image, dest_size: tuple[int, int], paste_to: tuple[int, 
 
 def apply_overlay(image: Image.Image, paste_to: tuple[int, int, int, int] | None,
                   overlay: Image.Image | None) -> Image.Image:
-    """Composite the kept original pixels back over a generated image (spec 9.1).
+    """Composite the kept original pixels back over a generated image (a1111-semantics §9.1).
 
     Reference: `modules/processing.py` `apply_overlay`. With no overlay (no mask, or `overlay_inpaint` off) the image is
     returned unchanged, also without uncropping. With `paste_to` ("Only masked") the generated crop is first put back
@@ -416,7 +416,7 @@ def apply_overlay(image: Image.Image, paste_to: tuple[int, int, int, int] | None
     alpha-composited on top and the result converted to RGB; its size is the overlay's size.
 
     Raises ValueError when, without `paste_to`, the image and overlay sizes differ (A1111 would composite the overlay
-    unscaled at (0, 0), a misalignment noted in spec 3.1 for resize mode 3).
+    unscaled at (0, 0), a misalignment noted in a1111-semantics §3.1 for resize mode 3).
     """
     _check_image("image", image)
     if overlay is None:
@@ -432,7 +432,7 @@ def apply_overlay(image: Image.Image, paste_to: tuple[int, int, int, int] | None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Colour correction (spec 9.2)
+# Colour correction (a1111-semantics §9.2)
 # ---------------------------------------------------------------------------------------------------------------
 
 def luminosity(rgb: np.ndarray) -> np.ndarray:
@@ -464,7 +464,7 @@ def set_luminosity(rgb: np.ndarray, lum: np.ndarray) -> np.ndarray:
 
 
 def setup_color_correction(image: Image.Image) -> np.ndarray:
-    """Colour-correction target: the final init image (after crop, resize and fill) as 8-bit LAB (spec 9.2).
+    """Colour-correction target: the final init image (after crop, resize and fill) as 8-bit LAB (a1111-semantics §9.2).
 
     `image`: PIL "RGB", size (W, H). Returns uint8 [H, W, 3], OpenCV's 8-bit LAB encoding (`L*255/100`, `a + 128`,
     `b + 128`; sRGB, D65), computed by OpenCV itself: `cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2LAB)`.
@@ -475,7 +475,7 @@ def setup_color_correction(image: Image.Image) -> np.ndarray:
 
 
 def apply_color_correction(correction: np.ndarray, image: Image.Image) -> Image.Image:
-    """Match a generated RGB image's colours to the init image's, keeping its own luminosity (spec 9.2).
+    """Match a generated RGB image's colours to the init image's, keeping its own luminosity (a1111-semantics §9.2).
 
     `correction`: uint8 [H', W', 3] LAB from `setup_color_correction` (its size need not equal the image's);
     `image`: the generated PIL "RGB" image, size (W, H). Returns a new PIL "RGB" image of size (W, H).
@@ -505,11 +505,11 @@ def apply_color_correction(correction: np.ndarray, image: Image.Image) -> Image.
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Saving (spec 9.4)
+# Saving (a1111-semantics §9.4)
 # ---------------------------------------------------------------------------------------------------------------
 
 def sanitize_filename_part(text: str, replace_spaces: bool = True) -> str:
-    """A1111's file-name sanitiser (spec 9.4; `modules/images.py` `sanitize_filename_part`).
+    """A1111's file-name sanitiser (a1111-semantics §9.4; `modules/images.py` `sanitize_filename_part`).
 
     Spaces -> "_" (if `replace_spaces`), each of `INVALID_FILENAME_CHARS` -> "_", leading spaces stripped, cut to 128
     characters, trailing spaces and dots stripped.
@@ -524,7 +524,7 @@ _LEADING_NUMBER = re.compile(r"(\d+)")
 
 
 def next_sequence_number(directory: str | os.PathLike) -> int:
-    """The number for the next saved file: 1 + the largest leading integer of any file name in `directory` (spec 9.4).
+    """The number for the next saved file: 1 + the largest leading integer of any file name in `directory` (a1111-semantics §9.4).
 
     Reference: `modules/images.py` `get_next_sequence_number` with an empty basename: each name without its extension
     is split at "-" and the first part read as an int (names whose first part is not an int are ignored). 0 for an
@@ -544,7 +544,7 @@ def next_sequence_number(directory: str | os.PathLike) -> int:
 def save_image(image: Image.Image, outdir: str | os.PathLike, seed: int, infotext: str | None = None, *,
                prompt: str | None = None, date_subfolder: bool = True, suffix: str = "",
                date: datetime.date | None = None) -> Path:
-    """Save `image` as PNG named like A1111's samples and never overwrite a file (spec 9.4). Returns the path.
+    """Save `image` as PNG named like A1111's samples and never overwrite a file (a1111-semantics §9.4). Returns the path.
 
     Reference: `modules/images.py` `save_image` with the default options (`save_images_add_number`, pattern `[seed]`,
     `save_to_dirs`). Directory: `outdir/<YYYY-MM-DD>` (`date`, default today) when `date_subfolder`, else `outdir`;
@@ -586,12 +586,12 @@ def save_image(image: Image.Image, outdir: str | os.PathLike, seed: int, infotex
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole input preparation of one img2img job (spec 2), as one function over the helpers above
+# The whole input preparation of one img2img job (a1111-semantics §2), as one function over the helpers above
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class PreparedInputs:
-    """What `prepare_inputs` made of the init images and the mask (spec 2).
+    """What `prepare_inputs` made of the init images and the mask (a1111-semantics §2).
 
     - `pixels`: float32 [B, H, W, 3] in [0, 1] at the processing size (cropped to the mask region for "Only masked",
       masked pixels filled for `inpainting_fill` 0); one row per batch image (a single init image is repeated).
@@ -620,7 +620,7 @@ class PreparedInputs:
 
 def prepare_mask(mask: Image.Image, *, width: int, height: int, resize_mode: int, mask_blur_x: float,
                  mask_blur_y: float, mask_round: bool, invert: bool, full_res: bool, padding: int):
-    """(processing mask, mask_for_overlay, crop_region, paste_to) of a user mask (spec 2 steps 1-4).
+    """(processing mask, mask_for_overlay, crop_region, paste_to) of a user mask (a1111-semantics §2 steps 1-4).
 
     Binarise (`create_binary_mask`), invert, blur; then "Only masked" (`full_res`): crop region of the mask with
     `padding` px, expanded to the processing aspect ratio, the crop resized to `width x height` (resize mode 2);
@@ -648,11 +648,11 @@ def prepare_inputs(init_images: list[Image.Image], mask: Image.Image | None, *, 
                    mask_round: bool = True, invert: bool = False, full_res: bool = True, padding: int = 0,
                    inpainting_fill: int = 1, latent_mask: Image.Image | None = None,
                    background_color: str = "#ffffff", color_correction: bool = False) -> PreparedInputs:
-    """Init images and mask -> processing-size pixels, masks and overlays, in A1111's order (spec 2).
+    """Init images and mask -> processing-size pixels, masks and overlays, in A1111's order (a1111-semantics §2).
 
     Per image: flatten onto `background_color`, resize (`resize_mode` 0-2; mode 3 resizes the latent later), make the
     overlay of the original through `mask_for_overlay`, crop to the mask region ("Only masked"), fill the masked
-    pixels (`inpainting_fill` != 1, spec 4), record the colour-correction target. A single image is repeated to
+    pixels (`inpainting_fill` != 1, a1111-semantics §4), record the colour-correction target. A single image is repeated to
     `batch_size`; several images make a batch of their own size (at most `batch_size`). Inputs are never changed.
     Raises ValueError for more images than `batch_size`.
     """

@@ -1,8 +1,8 @@
-"""The A1111 "parameters" text (infotext) stored in PNGs: write and parse (spec 9.3).
+"""The A1111 "parameters" text (infotext) stored in PNGs: write and parse (a1111-semantics §9.3).
 
 Format: the prompt, then `Negative prompt: ...` when there is one, then one line of `Key: value` pairs joined by
 ", " in a fixed key order. Values containing "," ":" or a newline are JSON-quoted; a value equal to its key is
-written bare; None values are left out. Example (spec 13, our Version):
+written bare; None values are left out. Example (a1111-semantics §13, our Version):
 
     a cat
     Negative prompt: blurry
@@ -52,7 +52,7 @@ def unquote(text: str) -> str:
 
 
 def format_params(params: dict[str, Any]) -> str:
-    """The parameter line: `Key: value` pairs joined by ", " in the dict's order (spec 9.3).
+    """The parameter line: `Key: value` pairs joined by ", " in the dict's order (a1111-semantics §9.3).
 
     None values are left out; a value equal to its key is written bare (`Key`); values go through `quote` and `str`
     (int 7 -> "7", float 7.0 -> "7.0").
@@ -73,7 +73,7 @@ def create_infotext(prompt: str, negative_prompt: str = "", *, steps: int, sampl
                     token_merging_ratio_hr: float | None = None, init_image_hash: str | None = None,
                     rng: str | None = None, tiling: bool = False, extra: dict[str, Any] | None = None,
                     version: str | None = VERSION, user: str | None = None) -> str:
-    """The infotext of one image (spec 9.3; `modules/processing.py` `create_infotext`).
+    """The infotext of one image (a1111-semantics §9.3; `modules/processing.py` `create_infotext`).
 
     `"{prompt}"` + `"\\nNegative prompt: {negative_prompt}"` (when non-empty) + `"\\n"` + `format_params(...)`,
     stripped. Keys in `FIXED_KEYS` order, then `extra` (A1111's `extra_generation_params`) in insertion order, then
@@ -83,7 +83,7 @@ def create_infotext(prompt: str, negative_prompt: str = "", *, steps: int, sampl
     - "Clip skip" only when > 1; "RNG" only when not "GPU" (A1111's default source); "Tiling" = "True" when tiling;
     - token merging ratios only when non-zero;
     - "ENSD" is written whenever given: A1111 writes it only for samplers that use it with eta != 0 (the caller's
-      decision, spec 8.2).
+      decision, a1111-semantics §8.2).
     An `extra` key that is also a fixed key keeps the fixed position and takes the extra value (e.g. "Schedule type"
     "Karras" set by the sampler; "Denoising strength" recorded by img2img's init).
     """
@@ -137,7 +137,7 @@ _IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def parse_infotext(text: str) -> dict[str, str]:
-    """Read an infotext back into a dict of strings (spec 9.3; `modules/infotext_utils.py`
+    """Read an infotext back into a dict of strings (a1111-semantics §9.3; `modules/infotext_utils.py`
     `parse_generation_parameters`).
 
     The last line is the parameter line if it holds at least 3 `Key: value` pairs; otherwise it is part of the

@@ -32,10 +32,10 @@ from sdcore.families import Family
 from sdcore.models.text import TextEncoder
 from sdcore.models.unet import timestep_embedding
 
-CHUNK_LENGTH = 75  # prompt tokens per chunk; + BOS + EOS = 77 = CLIP's context length (spec 11.4)
-COMMA_PADDING_BACKTRACK = 20  # A1111 option `comma_padding_backtrack` default (spec 11.4)
-EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # A1111 `sd_emphasis.options` names (spec 11.4)
-ROUND_MULTIPLIER = 1.1  # `(text)` (spec 11.2)
+CHUNK_LENGTH = 75  # prompt tokens per chunk; + BOS + EOS = 77 = CLIP's context length (a1111-semantics §11.4)
+COMMA_PADDING_BACKTRACK = 20  # A1111 option `comma_padding_backtrack` default (a1111-semantics §11.4)
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # A1111 `sd_emphasis.options` names (a1111-semantics §11.4)
+ROUND_MULTIPLIER = 1.1  # `(text)` (a1111-semantics §11.2)
 SQUARE_MULTIPLIER = 1 / 1.1  # `[text]`
 
 # --------------------------------------------------------------------------------------------- 11.2 emphasis
@@ -57,7 +57,7 @@ def _plain_pieces(text: str) -> list[list]:
 
 
 def parse_prompt_attention(text: str) -> list[list]:
-    """Split a prompt into [text, weight] pieces (A1111 `prompt_parser.parse_prompt_attention`, spec 11.2).
+    """Split a prompt into [text, weight] pieces (A1111 `prompt_parser.parse_prompt_attention`, a1111-semantics §11.2).
 
     `(x)` multiplies x's weight by 1.1, `[x]` by 1/1.1, `(x:w)` by w (w = `[+-]?[.\\d]+`, spaces allowed);
     brackets nest multiplicatively; an unclosed `(`/`[` applies to the rest of the prompt; a stray `)`/`]` is text;
@@ -263,7 +263,7 @@ class _ScheduleParser:
 
 @dataclass(frozen=True)
 class _StepRule:
-    """How a `when` number becomes a step (spec 11.3)."""
+    """How a `when` number becomes a step (a1111-semantics §11.3)."""
 
     steps: int
     int_offset: int
@@ -315,7 +315,7 @@ def _check_steps(name: str, value: int) -> None:
 def get_learned_conditioning_prompt_schedules(prompts: Sequence[str], steps: int, hires_steps: int | None = None,
                                               use_old_scheduling: bool = False) -> list[list[tuple[int, str]]]:
     """Prompt editing: for each prompt, [(end_at_step, text), ...] sorted by step, last end_at_step = steps
-    (A1111 `prompt_parser.get_learned_conditioning_prompt_schedules`, spec 11.3).
+    (A1111 `prompt_parser.get_learned_conditioning_prompt_schedules`, a1111-semantics §11.3).
 
     `when` of `[from:to:when]`: with a "." it is a fraction of the steps, `int((when - off) * steps)`, else a step
     number `when - off_int`; off = 0, off_int = 0 for the base pass; for a hires pass (`hires_steps` given) off =
@@ -359,7 +359,7 @@ _PART_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", r
 
 def get_multicond_prompt_list(prompts: Sequence[str]) -> tuple[list[list[tuple[int, float]]], list[str],
                                                                      dict[str, int]]:
-    """Composable diffusion: split each prompt on the word AND (A1111 `get_multicond_prompt_list`, spec 11.1).
+    """Composable diffusion: split each prompt on the word AND (A1111 `get_multicond_prompt_list`, a1111-semantics §11.1).
 
     Each part may end in `:weight` (default 1.0; trailing spaces dropped, other whitespace kept). Returns
     (per-prompt [(index into flat list, weight), ...], flat list of unique part texts, text -> index).
@@ -422,7 +422,7 @@ def empty_chunk(tokenizer) -> PromptChunk:
 
 def tokenize_line(line: str, tokenizer, emphasis: str = "Original",
                   comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> tuple[list[PromptChunk], int]:
-    """One prompt -> 77-token chunks (A1111 `TextConditionalModel.tokenize_line`, spec 11.4).
+    """One prompt -> 77-token chunks (A1111 `TextConditionalModel.tokenize_line`, a1111-semantics §11.4).
 
     Emphasis pieces are tokenised separately (no BOS/EOS) and laid out 75 per chunk, each token carrying its
     piece's weight. When a chunk is full and the next token is not a comma, the tokens after the chunk's last
@@ -482,7 +482,7 @@ def get_target_prompt_token_count(token_count: int) -> int:
 
 
 def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, emphasis: str = "Original") -> torch.Tensor:
-    """Weight encoder outputs by token multipliers (A1111 `sd_emphasis`, spec 11.4).
+    """Weight encoder outputs by token multipliers (A1111 `sd_emphasis`, a1111-semantics §11.4).
 
     z: [B, 77, C] one chunk for the batch; multipliers: [B, 77]. "Original": `z * m`, then rescaled by
     `mean(z) / mean(z * m)` where both means are over the whole [B, 77, C] tensor (one scalar); "No norm":
@@ -540,7 +540,7 @@ def encode_prompts_with_pooled(text_encoder: TextEncoder, tokenizer, prompts: Se
 def encode_prompts(text_encoder: TextEncoder, tokenizer, prompts: Sequence[str], clip_skip: int = 1,
                    emphasis: str = "Original", comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK
                    ) -> torch.Tensor:
-    """Prompts -> cross-attention conditioning [B, 77*k, C] (A1111 `TextConditionalModel.forward`, spec 11.4).
+    """Prompts -> cross-attention conditioning [B, 77*k, C] (A1111 `TextConditionalModel.forward`, a1111-semantics §11.4).
 
     Each prompt is chunked by `tokenize_line` (emphasis, BREAK, comma backtrack); k = the most chunks of any
     prompt, shorter prompts get empty chunks ([BOS, EOS x 76]). Chunk i of every prompt is encoded as one batch
@@ -717,19 +717,19 @@ def _stack_padded(tensors: Sequence[Cond]) -> Cond:
 
 def reconstruct_cond_batch(c: Sequence[Sequence[ScheduledPromptConditioning]], step: int) -> Cond:
     """Conditioning [B, T, C] (dict conds: {"c_crossattn": [B, T, C], "y": [B, adm]}) for 0-based model call
-    `step`: per prompt the first schedule entry with step <= end_at_step (spec 11.3; so with [a|b] calls 0 and 1
+    `step`: per prompt the first schedule entry with step <= end_at_step (a1111-semantics §11.3; so with [a|b] calls 0 and 1
     both use a). For the uncond (no AND)."""
     return _stack_padded([_entry_at(schedules, step) for schedules in c])
 
 
 def reconstruct_multicond_batch(c: MulticondLearnedConditioning, step: int
                                 ) -> tuple[list[list[tuple[int, float]]], Cond]:
-    """(conds_list, tensor) for 0-based model call `step` (spec 7 step 2, A1111 `reconstruct_multicond_batch`).
+    """(conds_list, tensor) for 0-based model call `step` (a1111-semantics §7 step 2, A1111 `reconstruct_multicond_batch`).
 
     tensor: [N, T, C], one row per AND part of every image, in order; parts with fewer tokens are padded by
     repeating their last vector (dict conds: a dict with "c_crossattn" so and "y" [N, adm]).
     conds_list[i] = [(row in tensor, weight), ...] for image i, as used by the CFG sum
-    `out_i = uncond_i + sum_k (x_out[row_k] - uncond_i) * weight_k * cond_scale` (spec 7 step 8).
+    `out_i = uncond_i + sum_k (x_out[row_k] - uncond_i) * weight_k * cond_scale` (a1111-semantics §7 step 8).
     """
     tensors: list[Cond] = []
     conds_list = []

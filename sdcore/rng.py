@@ -1,7 +1,7 @@
 """Seeds and per-image random numbers with A1111 v1.10.1 semantics (spec section 8).
 
 Every image of a batch has its own seed and its own generator, so an image's noise does not depend on the batch it
-is in. Three sources (spec 8.3):
+is in. Three sources (a1111-semantics §8.3):
 - "CPU": a `torch.Generator` on the CPU, the draws then moved to `device` (same numbers on every machine);
 - "GPU": a `torch.Generator` on `device` itself (A1111's default; CUDA streams differ from CPU streams);
 - "NV": `PhiloxGenerator`, a numpy reproduction of CUDA's `torch.randn` (Philox4x32-10 + Box-Muller), the same
@@ -21,7 +21,7 @@ import torch
 
 SOURCES = ("CPU", "GPU", "NV")
 
-# `random.randrange(4294967294)` in `modules/processing.py` `get_fixed_seed` (spec 1).
+# `random.randrange(4294967294)` in `modules/processing.py` `get_fixed_seed` (a1111-semantics §1).
 RANDOM_SEED_BOUND = 4294967294
 
 # Philox4x32-10 constants (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"; CUDA curand).
@@ -36,7 +36,7 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 
 
 def get_fixed_seed(seed: int | str | None, rand: random.Random | None = None) -> int:
-    """Resolve a user seed (spec 1 table; `modules/processing.py` `get_fixed_seed`).
+    """Resolve a user seed (a1111-semantics §1 table; `modules/processing.py` `get_fixed_seed`).
 
     -1, "", None or a string that is not an int -> a random seed `rand.randrange(4294967294)`; an int string -> its
     value; any other int (or integral float) is returned unchanged. `rand` defaults to a fresh `random.Random()`
@@ -64,10 +64,10 @@ def get_fixed_seed(seed: int | str | None, rand: random.Random | None = None) ->
 
 def seed_lists(seed: int, subseed: int, subseed_strength: float, batch_size: int,
                n_iter: int) -> tuple[list[int], list[int]]:
-    """`all_seeds`, `all_subseeds` for `batch_size * n_iter` images (spec 8.1; `process_images_inner`).
+    """`all_seeds`, `all_subseeds` for `batch_size * n_iter` images (a1111-semantics §8.1; `process_images_inner`).
 
     `all_seeds[k] = seed + k` when `subseed_strength == 0`, else every entry is `seed` (variations of one image);
-    `all_subseeds[k] = subseed + k`. Iteration n uses entries `[n*batch_size, (n+1)*batch_size)`. Example (spec 13):
+    `all_subseeds[k] = subseed + k`. Iteration n uses entries `[n*batch_size, (n+1)*batch_size)`. Example (a1111-semantics §13):
     seed 1000, batch 2, n_iter 2 -> 1000, 1001, 1002, 1003.
     """
     for name, value in (("batch_size", batch_size), ("n_iter", n_iter)):
@@ -80,7 +80,7 @@ def seed_lists(seed: int, subseed: int, subseed_strength: float, batch_size: int
 
 
 def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """A1111's spherical interpolation of one image's noise `low` (seed) towards `high` (subseed) (spec 8.2).
+    """A1111's spherical interpolation of one image's noise `low` (seed) towards `high` (subseed) (a1111-semantics §8.2).
 
     Reference: `modules/rng.py` `slerp`, with its quirks kept: the vectors are the slices along **dim 1** (the H axis
     of a `(C, H, W)` tensor), normalised by their L2 norm; `dot = sum_H(low_n * high_n)` has shape `(C, W)`.
@@ -123,14 +123,14 @@ def _philox4x32(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 
 class PhiloxGenerator:
-    """The "NV" source: CUDA `torch.randn` reproduced on the CPU with numpy (spec 8.3; `modules/rng_philox.py`).
+    """The "NV" source: CUDA `torch.randn` reproduced on the CPU with numpy (a1111-semantics §8.3; `modules/rng_philox.py`).
 
     State: `seed` (its 64 bits are the Philox key, low word first) and `offset` (0, +1 per draw). A draw of n numbers
     runs Philox4x32-10 on n counters `(offset, 0, i, 0)`, i = 0..n-1, and turns the first two output words of each
     into one normal number (the first of a Box-Muller pair):
     `u = c0 * 2^-32 + 2^-33`, `v = c1 * 2pi*2^-32 + pi*2^-32`, `z = sqrt(-2 ln u) * sin v`
     (with A1111's float32 constants, float64 arithmetic, result float32). Seed 0, shape (3, 4) starts
-    -0.9246624, -0.42534396, -2.6438458, 0.14518388 (spec 13). At most 2^32 numbers per draw.
+    -0.9246624, -0.42534396, -2.6438458, 0.14518388 (a1111-semantics §13). At most 2^32 numbers per draw.
     """
 
     def __init__(self, seed: int):
@@ -190,7 +190,7 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
 
 def randn_local(seed: int, shape: Sequence[int], *, source: str = "CPU",
                 device: torch.device | str | None = None) -> torch.Tensor:
-    """The first draw of a fresh generator seeded with `seed`: float32 N(0, 1) of `shape` on `device` (spec 8.2).
+    """The first draw of a fresh generator seeded with `seed`: float32 N(0, 1) of `shape` on `device` (a1111-semantics §8.2).
 
     Reference: `modules/rng.py` `randn_local` (what A1111 patches into torchsde's Brownian tree) and `randn` (its
     global-RNG draws: a fresh seed followed by one draw gives the same numbers). `device` None = torch's default device.
@@ -221,7 +221,7 @@ def vae_sample_noise(seeds: Sequence[int], shape: Sequence[int], *, source: str 
 
 
 def centre_paste(noise: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Copy the centre of `noise` (C, h0, w0) into the centre of a copy of `target` (C, H, W) (spec 8.2, seed resize).
+    """Copy the centre of `noise` (C, h0, w0) into the centre of a copy of `target` (C, H, W) (a1111-semantics §8.2, seed resize).
 
     With `dx = (W - w0)//2` and `dy = (H - h0)//2`: the pasted window is `w = w0` if `dx >= 0` else `w0 + 2*dx`
     (same for h), placed at `(max(dx, 0), max(dy, 0))` in the target and read from `(max(-dx, 0), max(-dy, 0))` in the
@@ -240,7 +240,7 @@ def centre_paste(noise: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class ImageRNG:
-    """Per-image seeded noise for one batch, A1111's `modules/rng.py` `ImageRNG` (spec 8.2).
+    """Per-image seeded noise for one batch, A1111's `modules/rng.py` `ImageRNG` (a1111-semantics §8.2).
 
     `shape` = one image's `(C, H, W)` in latent cells; `seeds` one int per image (B images). `next()` returns
     `[B, C, H, W]` float32 on `device` (None = torch's default device).

@@ -1,7 +1,7 @@
 """The command line: good runs write A1111-named PNGs with infotext and never overwrite; bad values exit 2 naming
 the argument and write nothing; --explain, --from-infotext, batch folders and --trace do what the help says.
 
-Numbers checked against the spec (shared/spec/a1111-img2img.md) cite its section."""
+Numbers checked against the spec (docs/a1111-semantics.md) cite its section."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +36,7 @@ def files(tmp_path_factory, astronaut):
     d = tmp_path_factory.mktemp("cli")
     astronaut.resize((64, 64)).save(d / "init.png")
     rect_mask((64, 64), (16, 16, 48, 48)).save(d / "mask.png")
-    rect_mask((64, 64), (24, 24, 40, 40)).save(d / "square.png")  # the spec 13 16x16 square at 24..39
+    rect_mask((64, 64), (24, 24, 40, 40)).save(d / "square.png")  # the a1111-semantics §13 16x16 square at 24..39
     rect_mask((64, 64), (0, 0, 0, 0)).save(d / "blank.png")
     rect_mask((32, 32), (8, 8, 24, 24)).save(d / "small_mask.png")
     (d / "notes.txt").write_text("not an image")
@@ -76,7 +76,7 @@ def test_img2img_writes_numbered_pngs_and_never_overwrites(capsys, files, sd1_ti
     code, out, err = run(capsys, *args)
     assert code == 0, err
     first = Path(out.split()[0])
-    assert first.name == "00000-42.png" and first.parent.parent == outdir  # outdir/<YYYY-MM-DD>/ (spec 9.4)
+    assert first.name == "00000-42.png" and first.parent.parent == outdir  # outdir/<YYYY-MM-DD>/ (a1111-semantics §9.4)
     before = first.read_bytes()
     code, out, _ = run(capsys, *args)
     assert code == 0 and out.split() == [str(first.parent / "00001-42.png")]
@@ -165,7 +165,7 @@ def test_every_flag_sets_its_field(sd1_tiny, files):
 
 
 def test_defaults_are_the_a1111_ui_defaults(sd1_tiny, files):
-    """Spec 1 (UI column): 20 steps, d 0.75, fill 1 original, whole picture, padding 32, mask blur 4, DPM++ 2M;
+    """a1111-semantics §1 (UI column): 20 steps, d 0.75, fill 1 original, whole picture, padding 32, mask blur 4, DPM++ 2M;
     width/height the model's native size."""
     args = build_parser().parse_args(["img2img", str(files / "init.png")])
     values, _ = resolve_values(args, processing_flags())
@@ -190,17 +190,17 @@ def test_help_explains_strength_steps_and_masked_content(capsys):
 # -- --explain -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampler, steps, strength, extra, schedule_steps, t_enc, first_sigma, calls", [
-    ("Euler a", 20, 0.75, [], 20, 15, 4.8557, 16),  # spec 13: uniform slice starts at 4.8557, 16 calls
-    ("DPM++ 2M", 20, 0.75, [], 20, 15, 5.7894, 16),  # spec 13: karras 5.7894
-    ("DPM++ 2M SDE", 20, 0.75, [], 20, 15, 3.9481, 16),  # spec 13: exponential 3.9481
+    ("Euler a", 20, 0.75, [], 20, 15, 4.8557, 16),  # a1111-semantics §13: uniform slice starts at 4.8557, 16 calls
+    ("DPM++ 2M", 20, 0.75, [], 20, 15, 5.7894, 16),  # a1111-semantics §13: karras 5.7894
+    ("DPM++ 2M SDE", 20, 0.75, [], 20, 15, 3.9481, 16),  # a1111-semantics §13: exponential 3.9481
     ("Heun", 20, 0.75, [], 20, 15, 4.8557, 31),  # second order: 2 calls per step, 1 on the step to sigma 0
-    ("Euler", 20, 0.3, [], 20, 6, None, 7),  # spec 13 table
+    ("Euler", 20, 0.3, [], 20, 6, None, 7),  # a1111-semantics §13 table
     ("Euler", 10, 0.35, [], 10, 3, None, 4),
-    ("Euler", 20, 0.75, ["--img2img-fix-steps"], 26, 19, None, 20),  # spec 13: fix steps 26, 19
+    ("Euler", 20, 0.75, ["--img2img-fix-steps"], 26, 19, None, 20),  # a1111-semantics §13: fix steps 26, 19
 ])
 def test_explain_steps_sigmas_and_calls(sd1_tiny, files, sampler, steps, strength, extra, schedule_steps, t_enc,
                                         first_sigma, calls):
-    """Spec 6.2-6.3 and 13: t_enc, the sigma slice and the model calls; every call runs 2 rows (cond + uncond)."""
+    """a1111-semantics §6.2-6.3 and 13: t_enc, the sigma slice and the model calls; every call runs 2 rows (cond + uncond)."""
     plan = plan_for(sd1_tiny, files / "init.png", "--sampler", sampler, "--steps", steps, "--denoising-strength",
                     strength, "--seed", 1, *SMALL, *extra)
     assert (plan.steps, plan.t_enc) == (schedule_steps, t_enc)
@@ -213,8 +213,8 @@ def test_explain_steps_sigmas_and_calls(sd1_tiny, files, sampler, steps, strengt
 @pytest.mark.parametrize("name", [s.name for s in SAMPLERS])
 def test_explain_runs_every_sampler(sd1_tiny, files, name):
     """The dry run goes through every sampler's real code. k-diffusion samplers make one call per step of the
-    t_enc + 1 = 8 steps (10 steps at 0.75, spec 6.2); second-order ones two, except into sigma 0 (spec 10.1);
-    DDIM skips the grid's first entry (spec 6.4): t_enc - 1 calls. DPM adaptive's count depends on the model."""
+    t_enc + 1 = 8 steps (10 steps at 0.75, a1111-semantics §6.2); second-order ones two, except into sigma 0 (a1111-semantics §10.1);
+    DDIM skips the grid's first entry (a1111-semantics §6.4): t_enc - 1 calls. DPM adaptive's count depends on the model."""
     info = next(s for s in SAMPLERS if s.name == name)
     plan = plan_for(sd1_tiny, files / "init.png", "--sampler", name, "--steps", 10, "--seed", 1, *SMALL)
     calls = len(plan.unet_calls)
@@ -226,7 +226,7 @@ def test_explain_runs_every_sampler(sd1_tiny, files, name):
 
 
 def test_explain_ddim_walks_the_timestep_grid(sd1_tiny, files):
-    """Spec 6.4/13: 20 steps at 0.75 -> noise level at timestep 751; the loop skips the grid's first entry, so the
+    """a1111-semantics §6.4/13: 20 steps at 0.75 -> noise level at timestep 751; the loop skips the grid's first entry, so the
     calls are at 701, 651, ..., 51 (14 calls)."""
     plan = plan_for(sd1_tiny, files / "init.png", "--sampler", "DDIM", "--steps", 20, "--seed", 1, *SMALL)
     assert plan.plan.passes[0].start_timestep == 751
@@ -234,7 +234,7 @@ def test_explain_ddim_walks_the_timestep_grid(sd1_tiny, files):
 
 
 def test_explain_mask_coverage_and_crop_region(sd1_tiny, files):
-    """Spec 13: the 16x16 square at 24..39 of 64x64 -> exactly the 2x2 centre latent cells, with blur 0 and 4;
+    """a1111-semantics §13: the 16x16 square at 24..39 of 64x64 -> exactly the 2x2 centre latent cells, with blur 0 and 4;
     "only masked" with padding 8 (no blur) crops (16, 16, 48, 48), padding 30 -> the whole image."""
     for blur in (0, 4):
         plan = plan_for(sd1_tiny, files / "init.png", "--mask", files / "square.png", "--mask-blur", blur,
@@ -256,7 +256,7 @@ def test_explain_mask_coverage_and_crop_region(sd1_tiny, files):
 
 
 def test_explain_prints_the_plan_and_writes_nothing(capsys, files, sd1_tiny_path, tmp_path, monkeypatch):
-    """Spec 8.1/13 seeds: seed 1000, batch 2, n_iter 2 -> 1000..1003; with strength 0.3 and subseed 7 the seeds
+    """a1111-semantics §8.1/13 seeds: seed 1000, batch 2, n_iter 2 -> 1000..1003; with strength 0.3 and subseed 7 the seeds
     stay 1000 and the variation seeds are 7..10. The UNet never runs (its forward raises here)."""
     from sdcore.models.unet import UNetModel
 
@@ -285,7 +285,7 @@ def test_explain_prints_the_plan_and_writes_nothing(capsys, files, sd1_tiny_path
 
 # -- --from-infotext -------------------------------------------------------------------------------------------------
 
-SPEC_INPAINT_INFOTEXT = (  # spec 13 "Inpainting 'Only masked', DPM++ 2M, fill"
+SPEC_INPAINT_INFOTEXT = (  # a1111-semantics §13 "Inpainting 'Only masked', DPM++ 2M, fill"
     "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, "
     "Seed: 1234, Size: 512x512, Model hash: 0123456789, Model: m, Denoising strength: 0.75, Mask blur: 4, "
     "Inpaint area: Only masked, Masked area padding: 32, Masked content: fill, Version: v1.10.1")
@@ -456,7 +456,7 @@ def test_batch_problems_exit_2_before_any_output(capsys, batch, sd1_tiny_path, c
 @pytest.mark.parametrize("sampler, calls", [("Euler", 3), ("Heun", 5)])
 def test_trace_records_every_model_call_and_is_never_overwritten(capsys, files, sd1_tiny_path, sd1_tiny, tmp_path,
                                                                   sampler, calls):
-    """Spec 6.2: int(0.5 * 4) = 2 -> 3 steps; Heun calls the model twice per step except into sigma 0 (5 calls).
+    """a1111-semantics §6.2: int(0.5 * 4) = 2 -> 3 steps; Heun calls the model twice per step except into sigma 0 (5 calls).
     The trace's sigmas are the plan's model-call sigmas."""
     from sdcore.sampling.samplers import load_trace
 
@@ -497,7 +497,7 @@ def test_txt2img_defaults_and_hires_flags(sd1_tiny):
 
 def test_txt2img_explain_both_passes(sd1_tiny):
     """First pass: the whole 4-step uniform schedule, Heun = 2 calls per step but 1 into sigma 0 -> 7. Hires pass:
-    3 steps at d 0.5 are an explicit step count (spec 6.2): a schedule of int(3 / 0.5) = 6 steps, t_enc 2 -> 3 steps,
+    3 steps at d 0.5 are an explicit step count (a1111-semantics §6.2): a schedule of int(3 / 0.5) = 6 steps, t_enc 2 -> 3 steps,
     5 calls."""
     plan = txt2img_plan(sd1_tiny, "--sampler", "Heun", "--steps", 4, "--seed", 3, *SMALL, "--enable-hr",
                         "--hr-second-pass-steps", 3, "--denoising-strength", 0.5)

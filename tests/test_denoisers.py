@@ -1,5 +1,5 @@
-"""Tests for sdcore.sampling.denoisers: hand-derived values (spec 13), parity with k-diffusion `external.py`, and CFG
-behaviour (spec 7) on a fake model whose output is a known function of its inputs."""
+"""Tests for sdcore.sampling.denoisers: hand-derived values (a1111-semantics §13), parity with k-diffusion `external.py`, and CFG
+behaviour (a1111-semantics §7) on a fake model whose output is a known function of its inputs."""
 from __future__ import annotations
 
 import importlib
@@ -42,10 +42,10 @@ def fake_unet(x, t, c_crossattn=None, c_concat=None, y=None):
     return out
 
 
-# ---------------------------------------------------------------------------------------------- schedule (spec 13)
+# ---------------------------------------------------------------------------------------------- schedule (a1111-semantics §13)
 
 def test_alphas_cumprod_spec13(alphas):
-    # spec 13 "Model sigmas": abar[0]=0.99915, abar[999]=0.0046601, abar[751]=0.055719 (float32)
+    # a1111-semantics §13 "Model sigmas": abar[0]=0.99915, abar[999]=0.0046601, abar[751]=0.055719 (float32)
     assert alphas.dtype == torch.float32 and alphas.shape == (1000,)
     assert alphas[0].item() == pytest.approx(0.99915, rel=1e-5)
     assert alphas[999].item() == pytest.approx(0.0046601, rel=1e-4)
@@ -65,7 +65,7 @@ def test_alphas_cumprod_formula(alphas):
 
 def test_discrete_schedule_spec13(alphas):
     s = DiscreteSchedule(alphas)
-    # spec 13: sigma_min=0.0291675, sigma_max=14.614642, sigma(t=500)=1.61828, t_to_sigma(250.5)=0.697097,
+    # a1111-semantics §13: sigma_min=0.0291675, sigma_max=14.614642, sigma(t=500)=1.61828, t_to_sigma(250.5)=0.697097,
     # sigma_to_t(1.0)=353.89
     assert s.sigma_min.item() == pytest.approx(0.0291675, rel=1e-5)
     assert s.sigma_max.item() == pytest.approx(14.614642, rel=1e-6)
@@ -80,7 +80,7 @@ def test_discrete_schedule_spec13(alphas):
 
 
 def test_get_sigmas_uniform_spec13(alphas):
-    # spec 13 "20-step schedules", uniform: 14.6146, 10.7468, 8.0815, 6.2049, 4.8557, ..., 0.2322, 0.0292, 0
+    # a1111-semantics §13 "20-step schedules", uniform: 14.6146, 10.7468, 8.0815, 6.2049, 4.8557, ..., 0.2322, 0.0292, 0
     sig = DiscreteSchedule(alphas).get_sigmas(20)
     assert sig.shape == (21,) and sig[-1] == 0
     expected = [14.6146, 10.7468, 8.0815, 6.2049, 4.8557, 3.8654, 3.1238, 2.5572, 2.1157, 1.7648, 1.4806, 1.2458,
@@ -150,7 +150,7 @@ def test_compvis_denoiser_parity(external, alphas, prediction):
 
 
 def test_scalings_spec13(alphas):
-    # spec 13 "Scalings": sigma=14.614642: c_in 0.068265, v c_skip 0.0046601, v c_out -0.997667; sigma=1: c_in 0.707107
+    # a1111-semantics §13 "Scalings": sigma=14.614642: c_in 0.068265, v c_skip 0.0046601, v c_out -0.997667; sigma=1: c_in 0.707107
     sigma = torch.tensor([14.614642, 1.0], dtype=torch.float64)
     c_skip, c_out, c_in = CompVisDenoiser(fake_unet, alphas, "eps").get_scalings(sigma)
     assert c_skip == 1.0 and torch.equal(c_out, -sigma)
@@ -180,7 +180,7 @@ def test_denoiser_calls_model_with_scaled_input_and_t(alphas):
         d(x, torch.tensor(1.0))
 
 
-# --------------------------------------------------------------------------------------------- CFG (spec 7)
+# --------------------------------------------------------------------------------------------- CFG (a1111-semantics §7)
 
 class Recorder:
     """A fake inner denoiser: output = fake_unet(x, sigma, ...); records every call's row count and kwargs."""
@@ -277,7 +277,7 @@ def test_cfg_dict_cond_keys_concatenated():
 
 
 def test_cfg_ngms_skip_uncond():
-    # spec 7 step 5: NGMS skips uncond on odd calls when sigma < s_min_uncond; CFG then uses scale 1 -> cond output
+    # a1111-semantics §7 step 5: NGMS skips uncond on odd calls when sigma < s_min_uncond; CFG then uses scale 1 -> cond output
     x, sigma, cond, uncond = _inputs()
     c = _expected_rows(x, sigma, cond["c_crossattn"])
     for step, sigma_value, s_min, skipped in [(1, 2.0, 3.0, True), (0, 2.0, 3.0, False), (1, 2.0, 1.5, False),
@@ -305,7 +305,7 @@ def test_cfg_edit_model_three_way():
     ic = _expected_rows(x, sigma, uncond["c_crossattn"], image_cond)
     u = _expected_rows(x, sigma, uncond["c_crossattn"], torch.zeros_like(image_cond))
     assert torch.allclose(out, u + 7.0 * (c - ic) + 1.5 * (ic - u), atol=1e-5)
-    # image_cfg_scale = 1 -> ordinary CFG (spec 7 step 1)
+    # image_cfg_scale = 1 -> ordinary CFG (a1111-semantics §7 step 1)
     rec = Recorder()
     CFGDenoiser(rec, is_edit_model=True, image_cfg_scale=1.0)(x, sigma, cond, uncond, 7.0, image_cond=image_cond)
     assert rec.calls[0]["x"].shape[0] == 4

@@ -174,7 +174,7 @@ def test_separate_vae_file(tiny, tmp_path, sd1_tiny_path, photo):
         assert any(name in r for r in sd.reasons)
     assert any("1 tensors outside" in r for r in sd.reasons)
     assert load_checkpoint(sd1_tiny_path).vae_name is None
-    # A1111 infotext: "VAE hash" and "VAE" (the file name) after "Model" (spec 9.3)
+    # A1111 infotext: "VAE hash" and "VAE" (the file name) after "Model" (a1111-semantics §9.3)
     p = StableDiffusionProcessingImg2Img(sd_model=sd, prompt="x", init_images=[photo], steps=1, width=SIZE,
                                          height=SIZE, seed=1, sampler_name="Euler")
     info = process_images(p).info
@@ -373,7 +373,7 @@ def test_sdxl_empty_negative_prompt_is_zeroed(tiny):
 
 def test_prompt_schedules_carry_dict_conds():
     """SDXL conds are dicts: schedules index rows per key; AND parts of different token lengths pad c_crossattn by
-    repeating the last vector (spec 7 step 2) and stack y as it is."""
+    repeating the last vector (a1111-semantics §7 step 2) and stack y as it is."""
     from sdcore.prompts import (get_learned_conditioning, get_multicond_learned_conditioning,
                                 reconstruct_cond_batch, reconstruct_multicond_batch)
 
@@ -420,7 +420,7 @@ def test_img2img_and_inpainting_end_to_end(tiny, photo, name, monkeypatch):
     diff = np.abs(np.asarray(out.images[0], np.int16) - np.asarray(photo, np.int16))
     assert diff.mean() > 1.0
     if sd.family.conditioning == "edit":
-        # spec 7 step 4: rows cond, uncond, uncond; image_cond = image latent, image latent, zeros
+        # a1111-semantics §7 step 4: rows cond, uncond, uncond; image_cond = image latent, image latent, zeros
         assert "Image CFG scale: 1.5" in out.info
         assert seen[0][0][0] == 3 and seen[0][1] == (3, 4, 8, 8)
     if sd.family.vector:

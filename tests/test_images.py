@@ -1,4 +1,4 @@
-"""Tests for sdcore/images.py. Vectors cite shared/spec/a1111-img2img.md ("spec") sections."""
+"""Tests for sdcore/images.py. Vectors cite docs/a1111-semantics.md sections ("a1111-semantics §N")."""
 from __future__ import annotations
 
 import datetime
@@ -16,14 +16,14 @@ from sdcore import images
 
 
 def _square_mask(size: int = 64, lo: int = 24, hi: int = 40) -> Image.Image:
-    """The spec 13 mask: a white square covering pixels lo..hi-1 on both axes."""
+    """The a1111-semantics §13 mask: a white square covering pixels lo..hi-1 on both axes."""
     a = np.zeros((size, size), np.uint8)
     a[lo:hi, lo:hi] = 255
     return Image.fromarray(a, mode="L")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Mask blur (spec 2.2.3, 13)
+# Mask blur (a1111-semantics §2.2.3, 13)
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("blur, k", [(1, 7), (2, 11), (4, 21), (8, 41), (16, 81), (64, 321)])
@@ -38,7 +38,7 @@ def test_mask_blur_kernel_size_rejects_bad_blur(blur):
 
 
 def test_step_edge_x_blur_matches_spec13():
-    # Spec 13: a 0|255 vertical step at column 32, x-blur 4, columns 24..40 (OpenCV 5.0 values; ±1 across versions).
+    # a1111-semantics §13: a 0|255 vertical step at column 32, x-blur 4, columns 24..40 (OpenCV 5.0 values; ±1 across versions).
     a = np.zeros((64, 64), np.uint8)
     a[:, 32:] = 255
     out = np.asarray(images.blur_mask(Image.fromarray(a, mode="L"), 4, 0))
@@ -48,7 +48,7 @@ def test_step_edge_x_blur_matches_spec13():
 
 
 def test_square_xy_blur_matches_spec13_and_grows_bbox():
-    # Spec 13: 16x16 square at 24..39 in 64x64, blurred x then y with 4: row 32, cols 16..32; bbox (14,14,50,50).
+    # a1111-semantics §13: 16x16 square at 24..39 in 64x64, blurred x then y with 4: row 32, cols 16..32; bbox (14,14,50,50).
     out = images.blur_mask(_square_mask(), 4, 4)
     expected = [7, 12, 20, 31, 46, 64, 86, 111, 135, 159, 181, 199, 214, 225, 233, 235, 235]
     np.testing.assert_array_equal(np.asarray(out)[32, 16:33], expected)
@@ -107,7 +107,7 @@ def test_blur_mask_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Binary mask, overlay mask, latent mask (spec 2.2.1, 2.2.5, 2.9, 13)
+# Binary mask, overlay mask, latent mask (a1111-semantics §2.2.1, 2.2.5, 2.9, 13)
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_create_binary_mask_alpha_rule_spec13():
@@ -162,7 +162,7 @@ def test_latent_mask_of_blurred_square_spec13():
 
 
 def test_latent_mask_rounds_at_one_half_spec29():
-    # Spec 2.9: np.around of value/255. A uniform mask stays uniform through the bicubic resize, so grey 127
+    # a1111-semantics §2.9: np.around of value/255. A uniform mask stays uniform through the bicubic resize, so grey 127
     # (0.498) -> 0 and grey 128 (0.502) -> 1; without rounding the weight is exactly v / 255.
     for grey, expected in ((127, 0.0), (128, 1.0), (140, 1.0)):
         mask = Image.new("L", (64, 64), grey)
@@ -178,7 +178,7 @@ def test_latent_mask_device_dtype_and_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Resize modes (spec 3.1, 13)
+# Resize modes (a1111-semantics §3.1, 13)
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("src, dst, crop, fill", [
@@ -224,7 +224,7 @@ def test_resize_mode2_fills_left_and_right_bands_with_the_edge_columns():
 
 
 def test_resize_mode2_band_overshoot_spec31():
-    # Spec 3.1: a 3-row ramp 0/100/200 stretched from its bottom edge gives 213 (bicubic overshoot).
+    # a1111-semantics §3.1: a 3-row ramp 0/100/200 stretched from its bottom edge gives 213 (bicubic overshoot).
     ramp = Image.fromarray(np.repeat(np.array([[0], [100], [200]], np.uint8), 16, axis=1)).convert("RGB")
     out = np.asarray(images.resize_image(2, ramp, 16, 9))[:, 0, 0]
     np.testing.assert_array_equal(out[3:6], [0, 100, 200])
@@ -260,7 +260,7 @@ def test_resize_image_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Crop regions (spec 3.2, 2.2.4, 13)
+# Crop regions (a1111-semantics §3.2, 2.2.4, 13)
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("region, proc, image, expected", [
@@ -298,7 +298,7 @@ def test_crop_region_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# flatten, fill, overlay (spec 2.5, 4, 9.1)
+# flatten, fill, overlay (a1111-semantics §2.5, 4, 9.1)
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_flatten_composites_rgba_over_the_background():
@@ -381,7 +381,7 @@ def test_apply_overlay_only_masked_uncrops_to_the_original_size_spec91():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Colour correction (spec 9.2)
+# Colour correction (a1111-semantics §9.2)
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_set_luminosity_hand_vectors():
@@ -520,14 +520,14 @@ def test_color_correction_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Saving (spec 9.4)
+# Saving (a1111-semantics §9.4)
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_save_image_names_numbers_and_infotext_spec94(tmp_path):
     image = Image.new("RGB", (8, 8), (1, 2, 3))
     day = datetime.date(2024, 7, 27)
     first = images.save_image(image, tmp_path, 1234, "a cat\nSteps: 20", date=day)
-    assert first == tmp_path / "2024-07-27" / "00000-1234.png"  # spec 13: <YYYY-MM-DD>/00000-1234.png
+    assert first == tmp_path / "2024-07-27" / "00000-1234.png"  # a1111-semantics §13: <YYYY-MM-DD>/00000-1234.png
     second = images.save_image(image, tmp_path, 1234, None, date=day)
     assert second.name == "00001-1234.png"
     with Image.open(first) as saved:

@@ -37,7 +37,7 @@ def outside(box, shape=(SIZE, SIZE)):
 
 @pytest.mark.parametrize("fill, label", [(0, "fill"), (1, None), (2, "latent noise"), (3, "latent nothing")])
 def test_masked_content_modes_keep_outside_pixels(sd1_tiny, photo, fill, label):
-    # spec 2 step 5.6 and 9: infotext "Masked content"; pixels outside an unblurred mask are restored exactly
+    # a1111-semantics §2 step 5.6 and 9: infotext "Masked content"; pixels outside an unblurred mask are restored exactly
     p = job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blur=0, inpainting_fill=fill,
             inpaint_full_res=False)
     processed = process_images(p)
@@ -50,8 +50,8 @@ def test_masked_content_modes_keep_outside_pixels(sd1_tiny, photo, fill, label):
 
 
 def test_latent_nothing_and_latent_noise_init_latents(sd1_tiny, photo):
-    # spec 2 step 9: fill 3 zeroes the regenerated latent cells; fill 2 puts unit noise from the first batch's
-    # seeds there (create_random_tensors), leaving kept cells as encoded. Both encode the filled image (spec 2
+    # a1111-semantics §2 step 9: fill 3 zeroes the regenerated latent cells; fill 2 puts unit noise from the first batch's
+    # seeds there (create_random_tensors), leaving kept cells as encoded. Both encode the filled image (a1111-semantics §2
     # step 5.6 applies masking.fill for every mode but 1), so their kept cells agree with each other.
     base = process_images(job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blur=0, inpainting_fill=1,
                               inpaint_full_res=False))
@@ -68,7 +68,7 @@ def test_latent_nothing_and_latent_noise_init_latents(sd1_tiny, photo):
 
 
 def test_fill_mode_replaces_masked_pixels_before_encoding(sd1_tiny, photo):
-    # spec 4: the image given to the VAE has the masked area filled from blurred surroundings, kept pixels exact
+    # a1111-semantics §4: the image given to the VAE has the masked area filled from blurred surroundings, kept pixels exact
     filled = images.fill(photo, rect_mask(photo.size, BOX))
     src = np.asarray(photo)
     assert np.array_equal(np.asarray(filled)[outside(BOX)], src[outside(BOX)])
@@ -87,7 +87,7 @@ def test_invert_regenerates_the_other_side(sd1_tiny, photo):
 
 
 def test_alpha_mask_uses_the_alpha_channel(sd1_tiny, photo):
-    # spec 2 step 2.1: RGBA with a non-opaque alpha -> the alpha is the mask (rounded: >128 -> 255)
+    # a1111-semantics §2 step 2.1: RGBA with a non-opaque alpha -> the alpha is the mask (rounded: >128 -> 255)
     rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
     rgba[..., 3] = 0
     rgba[BOX[1]:BOX[3], BOX[0]:BOX[2], 3] = 200
@@ -101,7 +101,7 @@ def test_alpha_mask_uses_the_alpha_channel(sd1_tiny, photo):
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
 def test_resize_modes(sd1_tiny, coffee, mode):
-    # spec 3.1 geometry; mode 3 encodes at the source size and resizes the latent bilinearly (spec 2 step 8)
+    # a1111-semantics §3.1 geometry; mode 3 encodes at the source size and resizes the latent bilinearly (a1111-semantics §2 step 8)
     p = job(sd1_tiny, coffee.resize((96, 64)), resize_mode=mode, width=64, height=64)
     processed = process_images(p)
     assert processed.images[0].size == (64, 64)
@@ -113,7 +113,7 @@ def test_resize_modes(sd1_tiny, coffee, mode):
 
 
 def test_variation_seed(sd1_tiny, photo):
-    # spec 8.1/8.2: with a subseed strength all seeds equal `seed`; strength 0 ignores the subseed
+    # a1111-semantics §8.1/8.2: with a subseed strength all seeds equal `seed`; strength 0 ignores the subseed
     plain = process_images(job(sd1_tiny, photo))
     zero = process_images(job(sd1_tiny, photo, subseed=5, subseed_strength=0.0))
     varied = process_images(job(sd1_tiny, photo, subseed=5, subseed_strength=0.5, batch_size=2))
@@ -136,7 +136,7 @@ def test_noise_options_are_recorded(sd1_tiny, photo):
 
 
 def test_colour_correction_pulls_colours_towards_the_init_image(sd1_tiny, photo):
-    # spec 9.2: LAB histogram matching to the init image, luminosity of the generation kept
+    # a1111-semantics §9.2: LAB histogram matching to the init image, luminosity of the generation kept
     kw = dict(denoising_strength=1.0)
     raw = np.asarray(process_images(job(sd1_tiny, photo, **kw)).images[0], np.float64)
     corrected = np.asarray(process_images(job(sd1_tiny, photo, opts=Options(img2img_color_correction=True),
@@ -150,7 +150,7 @@ def test_colour_correction_pulls_colours_towards_the_init_image(sd1_tiny, photo)
 
 
 def test_blank_mask_with_only_masked_falls_back_to_img2img(sd1_tiny, photo):
-    # spec 2 step 2.4: a blank mask drops the mask and adds A1111's comment
+    # a1111-semantics §2 step 2.4: a blank mask drops the mask and adds A1111's comment
     processed = process_images(job(sd1_tiny, photo, mask=Image.new("L", photo.size, 0), inpaint_full_res=True))
     assert processed.mask is None and processed.overlay_images == []
     assert any("mask is blank" in c for c in processed.comments.values())
@@ -164,7 +164,7 @@ def test_image_cfg_scale_dropped_for_non_edit_models(sd1_tiny, photo):
 
 
 def test_eta_noise_seed_delta_changes_only_per_step_noise(sd1_tiny, photo):
-    # spec 8.2: after the initial noise the generators are reseeded with seed + ENSD; ENSD is written to the
+    # a1111-semantics §8.2: after the initial noise the generators are reseeded with seed + ENSD; ENSD is written to the
     # infotext only for samplers flagged uses_ensd (Euler a), and deterministic samplers are unaffected.
     ensd = Options(eta_noise_seed_delta=31337)
     a = process_images(job(sd1_tiny, photo, sampler_name="Euler a"))
@@ -177,7 +177,7 @@ def test_eta_noise_seed_delta_changes_only_per_step_noise(sd1_tiny, photo):
 
 
 def test_nv_rng_source(sd1_tiny, photo):
-    # spec 8.3: "NV" draws the initial noise from Philox; recorded as "RNG: NV"
+    # a1111-semantics §8.3: "NV" draws the initial noise from Philox; recorded as "RNG: NV"
     cpu = process_images(job(sd1_tiny, photo))
     nv = process_images(job(sd1_tiny, photo, opts=Options(randn_source="NV")))
     assert "RNG: NV" in nv.info and "RNG: CPU" in cpu.info
@@ -195,7 +195,7 @@ def test_batch_image_equals_same_seed_alone(sd1_tiny, photo, sampler):
 
 
 def test_seed_resize_from(sd1_tiny, photo):
-    # spec 8.2: noise drawn at 32x32 px (4x4 latent cells) for the seed, centre-pasted into the 8x8 draw
+    # a1111-semantics §8.2: noise drawn at 32x32 px (4x4 latent cells) for the seed, centre-pasted into the 8x8 draw
     plain = process_images(job(sd1_tiny, photo))
     resized = process_images(job(sd1_tiny, photo, seed_resize_from_w=32, seed_resize_from_h=32))
     assert "Seed resize from: 32x32" in resized.info
@@ -203,7 +203,7 @@ def test_seed_resize_from(sd1_tiny, photo):
 
 
 def test_eta_and_churn_options_follow_a1111(sd1_tiny, photo):
-    # spec 6.5: "Eta" in the infotext when != 1 (k-diffusion); an option s_churn that differs from the default 0
+    # a1111-semantics §6.5: "Eta" in the infotext when != 1 (k-diffusion); an option s_churn that differs from the default 0
     # overrides p.s_churn and is written as "Sigma churn"; "Eta DDIM" when != 0.
     p = job(sd1_tiny, photo, sampler_name="Euler a", eta=0.5)
     assert "Eta: 0.5" in process_images(p).info
@@ -217,7 +217,7 @@ def test_eta_and_churn_options_follow_a1111(sd1_tiny, photo):
 
 
 def test_schedule_option_infotext(sd1_tiny, photo):
-    # spec 10.2 / 9.3: option overrides that change the numbers are recorded
+    # a1111-semantics §10.2 / 9.3: option overrides that change the numbers are recorded
     opts = Options(sigma_min=0.05, sigma_max=10.0, rho=5.0, always_discard_next_to_last_sigma=True,
                    emphasis="No norm", use_old_scheduling=True, s_min_uncond=1.0)
     info = process_images(job(sd1_tiny, photo, prompt="(a:1.2) cat", sampler_name="DPM++ 2M", opts=opts)).info

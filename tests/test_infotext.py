@@ -1,6 +1,6 @@
-"""Tests for sdcore/infotext.py. Vectors cite shared/spec/a1111-img2img.md ("spec") sections.
+"""Tests for sdcore/infotext.py. Vectors cite docs/a1111-semantics.md sections ("a1111-semantics §N").
 
-The spec 13 "Infotext example" strings end with A1111's "Version: v1.10.1"; here the Version value is ours,
+The a1111-semantics §13 "Infotext example" strings end with A1111's "Version: v1.10.1"; here the Version value is ours,
 "sdcore-0.1.0" (`infotext.VERSION`), and the placeholders <h>/<m> are filled with a made-up hash and name.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def test_version_is_ours():
 
 
 def test_spec13_img2img_example():
-    # img2img's init records "Denoising strength" as an extra parameter (spec 9.3); it lands at its fixed place.
+    # img2img's init records "Denoising strength" as an extra parameter (a1111-semantics §9.3); it lands at its fixed place.
     text = create_infotext("a cat", "blurry", **BASE, extra={"Denoising strength": 0.75})
     assert text == ("a cat\nNegative prompt: blurry\n"
                     "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1234, Size: 512x512, "
@@ -27,7 +27,7 @@ def test_spec13_img2img_example():
 
 
 def test_spec13_inpainting_only_masked_example():
-    # Extras in A1111's insertion order (spec 9.3); the sampler's "Schedule type" overrides the fixed slot's value.
+    # Extras in A1111's insertion order (a1111-semantics §9.3); the sampler's "Schedule type" overrides the fixed slot's value.
     extra = {"Denoising strength": 0.75, "Mask blur": 4, "Inpaint area": "Only masked", "Masked area padding": 32,
              "Masked content": "fill", "Schedule type": "Karras"}
     text = create_infotext("a cat", "", **{**BASE, "sampler": "DPM++ 2M"}, extra=extra)

@@ -85,7 +85,7 @@ def test_deterministic_per_seed(tiny_sd1):
 
 
 def test_schedule_buffers_match_spec():
-    """Spec 13 "Model sigmas": alphas_cumprod[0] = 0.99915, [999] = 0.0046601; DDPM identities of
+    """a1111-semantics §13 "Model sigmas": alphas_cumprod[0] = 0.99915, [999] = 0.0046601; DDPM identities of
     ddpm.py register_schedule."""
     b = mc.ldm_ddpm_buffers()
     ac = b["alphas_cumprod"]

@@ -1,7 +1,7 @@
 """End-to-end img2img / inpainting on real photos through the real pipeline (random-weight tiny checkpoints).
 
 What a user would see: output sizes, pixels outside the mask unchanged, same seed -> same bytes, different seed ->
-different image; plus the img2img conventions of spec 2 and 6 checked on the job's internal state.
+different image; plus the img2img conventions of a1111-semantics §2 and 6 checked on the job's internal state.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_only_masked_pastes_back_at_original_size(sd1_tiny, astronaut):
     processed = process_images(p)
     out, src = np.asarray(processed.images[0]), np.asarray(astronaut)
     assert processed.images[0].size == astronaut.size
-    # spec 2.2.4 / 3.2: bbox (200,100,260,180) grown by 8 -> (192,92,268,188), expanded to the 1:1 aspect
+    # a1111-semantics §2.2.4 / 3.2: bbox (200,100,260,180) grown by 8 -> (192,92,268,188), expanded to the 1:1 aspect
     # -> x grows by int(96*1 - 76) = 20: (182, 92, 278, 188).
     assert processed.paste_to == (182, 92, 96, 96) and processed.plans[0].crop_region == (182, 92, 278, 188)
     outside = np.ones(src.shape[:2], bool)
@@ -86,7 +86,7 @@ def test_inpainting_model_runs_with_9_channel_conditioning(inpaint_tiny, photo):
     processed = process_images(p)
     cond = processed.image_conditioning
     assert cond.shape == (1, 5, 8, 8)
-    # spec 5.1: channel 0 is the rounded processing mask at latent size (nearest), 1 = regenerate
+    # a1111-semantics §5.1: channel 0 is the rounded processing mask at latent size (nearest), 1 = regenerate
     assert set(cond[0, 0].unique().tolist()) == {0.0, 1.0}
     assert cond[0, 0, 4, 4] == 1 and cond[0, 0, 0, 0] == 0
     assert "Conditional mask weight: 1.0" in processed.info
@@ -94,7 +94,7 @@ def test_inpainting_model_runs_with_9_channel_conditioning(inpaint_tiny, photo):
 
 @pytest.mark.parametrize("strength, calls", [(0.75, 5), (1.0, 6), (0.3, 2), (0.0, 1)])
 def test_model_calls_follow_denoising_strength(sd1_tiny, photo, strength, calls):
-    # spec 6.2/6.3: t_enc = int(min(d, 0.999) * steps); t_enc + 1 model calls (Euler, steps = 6)
+    # a1111-semantics §6.2/6.3: t_enc = int(min(d, 0.999) * steps); t_enc + 1 model calls (Euler, steps = 6)
     seen = []
     p = job(sd1_tiny, photo, sampler_name="Euler", denoising_strength=strength)
     process_images(p, callback=lambda d: seen.append(float(d["sigma"])))
@@ -102,7 +102,7 @@ def test_model_calls_follow_denoising_strength(sd1_tiny, photo, strength, calls)
 
 
 def test_latent_mask_and_blend_state(sd1_tiny, photo):
-    # spec 13 "Latent mask": a 16x16 square at (24..39) in 64x64, unblurred -> exactly the 2x2 centre cells.
+    # a1111-semantics §13 "Latent mask": a 16x16 square at (24..39) in 64x64, unblurred -> exactly the 2x2 centre cells.
     p = job(sd1_tiny, photo, mask=rect_mask(photo.size, (24, 24, 40, 40)), mask_blur=0, inpaint_full_res=False)
     processed = process_images(p)
     expected = torch.zeros(8, 8)
@@ -123,7 +123,7 @@ def test_batch_seeds_and_images(sd1_tiny, photo):
     processed = process_images(job(sd1_tiny, photo, seed=1000, batch_size=2, n_iter=2))
     assert processed.seeds == [1000, 1001, 1002, 1003]
     assert len(processed.images) == 4
-    # image 1 of the batch has seed 1001 and equals the same seed run alone (per-image noise, spec 8.2); batched
+    # image 1 of the batch has seed 1001 and equals the same seed run alone (per-image noise, a1111-semantics §8.2); batched
     # float32 kernels may round differently, so allow one grey level after the uint8 truncation.
     diff = np.abs(np.asarray(processed.images[1], np.int16) - np.asarray(single, np.int16))
     assert diff.max() <= 1
@@ -155,7 +155,7 @@ def test_every_sampler_runs_img2img_and_keeps_unmasked_latents(sd1_tiny, photo, 
 
 
 def test_prompt_editing_switches_conditioning_at_the_scheduled_call(sd1_tiny, photo, monkeypatch):
-    # spec 11.3: "[cat:dog:0.5]" with 6 steps -> schedule [[3, "cat"], [6, "dog"]]; model call j (0-based) uses
+    # a1111-semantics §11.3: "[cat:dog:0.5]" with 6 steps -> schedule [[3, "cat"], [6, "dog"]]; model call j (0-based) uses
     # the first entry with j <= end_at_step: calls 0..3 "cat", calls 4..5 "dog". Euler at d=1 makes 6 calls.
     seen = []
     original = sd1_tiny.apply_model
@@ -191,7 +191,7 @@ def test_txt2img_is_deterministic_and_sized(sd1_tiny):
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_hires_fix_second_pass(sd1_tiny, upscaler):
-    # spec 6.2: the hires pass passes explicit steps -> steps = int(4 / 0.5) = 8, t_enc = 3 -> 4 calls after the
+    # a1111-semantics §6.2: the hires pass passes explicit steps -> steps = int(4 / 0.5) = 8, t_enc = 3 -> 4 calls after the
     # 4 first-pass calls; the output is hr_scale times larger.
     seen = []
     p = txt2img(sd1_tiny, enable_hr=True, hr_scale=2.0, hr_upscaler=upscaler, hr_second_pass_steps=4,
@@ -205,11 +205,11 @@ def test_hires_fix_second_pass(sd1_tiny, upscaler):
 def test_txt2img_with_inpainting_model_and_timestep_sampler(inpaint_tiny):
     processed = process_images(txt2img(inpaint_tiny, sampler_name="DDIM"))
     cond = processed.image_conditioning
-    assert cond.shape == (1, 5, 8, 8) and torch.all(cond[:, 0] == 1)  # spec 5.1: ones mask, grey image latent
+    assert cond.shape == (1, 5, 8, 8) and torch.all(cond[:, 0] == 1)  # a1111-semantics §5.1: ones mask, grey image latent
 
 
 def test_outpainting_with_resize_mode_2_and_mask(sd1_tiny, astronaut):
-    # spec 3.1 mode 2: a 64x32 image into 64x64 -> 16-px bands top and bottom, filled by stretching the edge rows;
+    # a1111-semantics §3.1 mode 2: a 64x32 image into 64x64 -> 16-px bands top and bottom, filled by stretching the edge rows;
     # a mask whose top and bottom rows are white becomes white bands, so exactly the bands are regenerated.
     from sdcore import images
 

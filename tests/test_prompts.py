@@ -14,7 +14,7 @@ from sdcore.prompts import (CHUNK_LENGTH, MulticondLearnedConditioning, apply_em
                             get_multicond_prompt_list, get_target_prompt_token_count, parse_prompt_attention,
                             reconstruct_cond_batch, reconstruct_multicond_batch, tokenize_line)
 
-BOS, EOS, COMMA, A = 49406, 49407, 267, 320  # spec 11.4; 'a</w>' = 256 + ord('a') - ord('!') (tests/test_text.py)
+BOS, EOS, COMMA, A = 49406, 49407, 267, 320  # a1111-semantics §11.4; 'a</w>' = 256 + ord('a') - ord('!') (tests/test_text.py)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def _approx(pieces):
     return [[text, pytest.approx(weight, rel=1e-6)] for text, weight in pieces]
 
 
-# ------------------------------------------------------------------------------------------ spec 13, 11.2
+# ------------------------------------------------------------------------------------------ a1111-semantics §13, 11.2
 
 @pytest.mark.parametrize("prompt, expected", [
     ("(a:1.2)", [["a", 1.2]]),
@@ -45,7 +45,7 @@ def _approx(pieces):
     ("", [["", 1.0]]),
 ])
 def test_parse_prompt_attention_spec13(prompt, expected):
-    """Spec 13 "Prompt parsing" (parse_prompt_attention vectors)."""
+    """a1111-semantics §13 "Prompt parsing" (parse_prompt_attention vectors)."""
     assert parse_prompt_attention(prompt) == _approx(expected)
 
 
@@ -62,12 +62,12 @@ def test_parse_prompt_attention_spec13(prompt, expected):
     ("(a BREAK b)", [["a", 1.1], ["BREAK", -1.1], ["b", 1.1]]),  # multiplied like any piece
 ])
 def test_parse_prompt_attention_rules(prompt, expected):
-    """Further cases derived from the rules of spec 11.2."""
+    """Further cases derived from the rules of a1111-semantics §11.2."""
     assert parse_prompt_attention(prompt) == _approx(expected)
 
 
 def test_parse_prompt_attention_exact_floats():
-    """Multipliers are applied innermost first, so (((house:1.3)) is 1.3*1.1*1.1 in that order (spec 11.2)."""
+    """Multipliers are applied innermost first, so (((house:1.3)) is 1.3*1.1*1.1 in that order (a1111-semantics §11.2)."""
     pieces = dict((t, w) for t, w in parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5)"))
     assert pieces["house"] == 1.3 * 1.1 * 1.1
     assert parse_prompt_attention("[a]")[0][1] == 1 / 1.1
@@ -80,7 +80,7 @@ def test_parse_prompt_attention_errors():
         parse_prompt_attention(None)
 
 
-# ------------------------------------------------------------------------------------------ spec 13, 11.3
+# ------------------------------------------------------------------------------------------ a1111-semantics §13, 11.3
 
 def _schedule(prompt, steps, **kw):
     return [list(entry) for entry in get_learned_conditioning_prompt_schedules([prompt], steps, **kw)[0]]
@@ -102,12 +102,12 @@ def _schedule(prompt, steps, **kw):
     ("[a:b:5]", 20, {"use_old_scheduling": True}, [[5, "a"], [20, "b"]]),
 ])
 def test_schedules_spec13(prompt, steps, kw, expected):
-    """Spec 13 "Prompt parsing", schedule vectors."""
+    """a1111-semantics §13 "Prompt parsing", schedule vectors."""
     assert _schedule(prompt, steps, **kw) == expected
 
 
 def test_alternation_spec13():
-    """Spec 13: `[fe|]male` alternates female/male for steps 1..10."""
+    """a1111-semantics §13: `[fe|]male` alternates female/male for steps 1..10."""
     assert _schedule("[fe|]male", 10) == [[s, "female" if s % 2 else "male"] for s in range(1, 11)]
     assert _schedule("[a|b|c]", 4) == [[1, "a"], [2, "b"], [3, "c"], [4, "a"]]
 
@@ -133,12 +133,12 @@ def test_alternation_spec13():
     ("([a:b:4])", [[4, "(a)"], [10, "(b)"]]),
 ])
 def test_schedules_grammar(prompt, expected):
-    """Cases derived by hand from the grammar and `when` rules of spec 11.3 (10 steps)."""
+    """Cases derived by hand from the grammar and `when` rules of a1111-semantics §11.3 (10 steps)."""
     assert _schedule(prompt, 10) == expected
 
 
 def test_schedules_integer_hires_offset_and_batch():
-    """Spec 11.3: integer `when` in a hires pass is `when - base steps`; results follow the prompt order."""
+    """a1111-semantics §11.3: integer `when` in a hires pass is `when - base steps`; results follow the prompt order."""
     assert _schedule("[a:b:25]", 20, hires_steps=10) == [[5, "a"], [10, "b"]]
     out = get_learned_conditioning_prompt_schedules(["x", "[a:b:2]", "x"], 4)
     assert out == [[(4, "x")], [(2, "a"), (4, "b")], [(4, "x")]]
@@ -148,10 +148,10 @@ def test_schedules_integer_hires_offset_and_batch():
         get_learned_conditioning_prompt_schedules(["x"], 10, hires_steps=1.5)
 
 
-# ------------------------------------------------------------------------------------------ spec 13, 11.1
+# ------------------------------------------------------------------------------------------ a1111-semantics §13, 11.1
 
 def test_and_spec13():
-    """Spec 13: `a cat AND a dog:0.5` -> "a cat" (1.0), " a dog" (0.5)."""
+    """a1111-semantics §13: `a cat AND a dog:0.5` -> "a cat" (1.0), " a dog" (0.5)."""
     indexes, flat, index_of = get_multicond_prompt_list(["a cat AND a dog:0.5"])
     assert flat == ["a cat", " a dog"]
     assert indexes == [[(0, 1.0), (1, 0.5)]]
@@ -159,18 +159,18 @@ def test_and_spec13():
 
 
 def test_and_rules():
-    """Spec 11.1: word-bounded AND, weights with spaces and signs, texts deduplicated exactly (" x" != "x")."""
+    """a1111-semantics §11.1: word-bounded AND, weights with spaces and signs, texts deduplicated exactly (" x" != "x")."""
     indexes, flat, _ = get_multicond_prompt_list(["x AND y : -2 AND x", "ANDROID AND  x", "a:b"])
     assert flat == ["x", " y", " x", "ANDROID", "  x", "a:b"]
     assert indexes == [[(0, 1.0), (1, -2.0), (2, 1.0)], [(3, 1.0), (4, 1.0)], [(5, 1.0)]]
     assert get_multicond_prompt_list(["a AND b:.5 "])[0] == [[(0, 1.0), (1, 0.5)]]
 
 
-# ------------------------------------------------------------------------------------------ spec 13, 11.4
+# ------------------------------------------------------------------------------------------ a1111-semantics §13, 11.4
 
 @pytest.mark.parametrize("n_tokens, n_chunks", [(0, 1), (1, 1), (75, 1), (76, 2), (150, 2), (151, 3)])
 def test_chunk_counts(tokenizer, n_tokens, n_chunks):
-    """Spec 13: 0, 1, 75 tokens -> one 77-token chunk; 76 -> two; 151 -> three ("a" is one token)."""
+    """a1111-semantics §13: 0, 1, 75 tokens -> one 77-token chunk; 76 -> two; 151 -> three ("a" is one token)."""
     chunks, count = tokenize_line(" ".join(["a"] * n_tokens), tokenizer)
     assert len(chunks) == n_chunks
     assert count == n_tokens
@@ -182,14 +182,14 @@ def test_chunk_counts(tokenizer, n_tokens, n_chunks):
 
 
 def test_empty_prompt_chunk(tokenizer):
-    """Spec 11.4: empty prompt -> [BOS, EOS x 76], multipliers 1."""
+    """a1111-semantics §11.4: empty prompt -> [BOS, EOS x 76], multipliers 1."""
     chunks, _ = tokenize_line("", tokenizer)
     assert chunks[0].tokens == [BOS] + [EOS] * 76 == empty_chunk(tokenizer).tokens
     assert chunks[0].multipliers == [1.0] * 77
 
 
 def test_comma_backtrack(tokenizer):
-    """Spec 11.4: 70 x "a", ",", 10 x "(b)": the chunk fills at 71 + 4 b's; the comma is 5 <= 20 from the end,
+    """a1111-semantics §11.4: 70 x "a", ",", 10 x "(b)": the chunk fills at 71 + 4 b's; the comma is 5 <= 20 from the end,
     so the 4 b's move to the next chunk (with their 1.1 multipliers). Without backtracking they stay."""
     prompt = " ".join(["a"] * 70) + ", " + " ".join(["(b)"] * 10)
     b = tokenizer.encode("b")[0]
@@ -205,7 +205,7 @@ def test_comma_backtrack(tokenizer):
 
 
 def test_comma_too_far_back(tokenizer):
-    """A comma 25 tokens before the end is beyond the backtrack distance 20: no relocation (spec 11.4)."""
+    """A comma 25 tokens before the end is beyond the backtrack distance 20: no relocation (a1111-semantics §11.4)."""
     chunks, _ = tokenize_line(" ".join(["a"] * 50) + ", " + " ".join(["b"] * 30), tokenizer)
     assert chunks[0].tokens[51] == COMMA and len([t for t in chunks[0].tokens if t == EOS]) == 1
     near, _ = tokenize_line(" ".join(["a"] * 50) + ", " + " ".join(["b"] * 30), tokenizer,
@@ -214,7 +214,7 @@ def test_comma_too_far_back(tokenizer):
 
 
 def test_break(tokenizer):
-    """Spec 11.4: BREAK closes the chunk; inside brackets it is a weighted word instead (11.2)."""
+    """a1111-semantics §11.4: BREAK closes the chunk; inside brackets it is a weighted word instead (11.2)."""
     chunks, count = tokenize_line("a BREAK a", tokenizer)
     assert [c.tokens[:3] for c in chunks] == [[BOS, A, EOS], [BOS, A, EOS]]
     assert count == 76
@@ -224,7 +224,7 @@ def test_break(tokenizer):
 
 
 def test_emphasis_none_keeps_brackets(tokenizer):
-    """emphasis "None": no parsing, brackets are tokenised (spec 11.4)."""
+    """emphasis "None": no parsing, brackets are tokenised (a1111-semantics §11.4)."""
     plain, _ = tokenize_line("(a)", tokenizer, emphasis="None")
     parsed, _ = tokenize_line("(a)", tokenizer)
     assert parsed[0].tokens[:3] == [BOS, A, EOS] and parsed[0].multipliers[1] == pytest.approx(1.1)
@@ -246,7 +246,7 @@ def _hand_tokens(ids_list):
 
 @torch.no_grad()
 def test_emphasis_original_mean_restoration(tiny_encoder, tokenizer):
-    """Spec 11.4 "Original": z *= m per token, then z *= mean(z_before) / mean(z_after) with both means over the
+    """a1111-semantics §11.4 "Original": z *= m per token, then z *= mean(z_before) / mean(z_after) with both means over the
     whole (B, 77, C) chunk tensor, checked against that computation by hand."""
     cat = tokenizer.encode("cat")
     prompts = ["(a:1.5) cat", "[cat]"]
@@ -271,7 +271,7 @@ def test_emphasis_original_mean_restoration(tiny_encoder, tokenizer):
 
 @torch.no_grad()
 def test_encode_chunks_and_batch_padding(tiny_encoder, tokenizer):
-    """Spec 11.4: chunks concatenate to (B, 77k, C); a shorter prompt gets empty chunks; clip_skip passes on."""
+    """a1111-semantics §11.4: chunks concatenate to (B, 77k, C); a shorter prompt gets empty chunks; clip_skip passes on."""
     long = " ".join(["a"] * 76)
     got = encode_prompts(tiny_encoder, tokenizer, ["cat", long], clip_skip=2)
     assert got.shape == (2, 154, 32)
@@ -283,7 +283,7 @@ def test_encode_chunks_and_batch_padding(tiny_encoder, tokenizer):
 
 @torch.no_grad()
 def test_zero_padding_and_pooled(tokenizer):
-    """Spec 11.4: open_clip encoders (pad_token "zero") get id 0 after the first EOS; pooled = first chunk's."""
+    """a1111-semantics §11.4: open_clip encoders (pad_token "zero") get id 0 after the first EOS; pooled = first chunk's."""
     config = replace(OPENCLIP_H, width=32, layers=2, heads=2, projection_dim=8)
     encoder = TextEncoder(config).reset_parameters(torch.Generator().manual_seed(1)).eval()
     tokens = _hand_tokens([[A, A]])
@@ -333,7 +333,7 @@ def _code(text):
 
 
 def test_reconstruct_alternation_call_index():
-    """Spec 11.3: call j uses the first entry with j <= end_at_step, so [a|b] gives a, a, b, a, b, ..."""
+    """a1111-semantics §11.3: call j uses the first entry with j <= end_at_step, so [a|b] gives a, a, b, a, b, ..."""
     log = []
     c = get_learned_conditioning(_fake_encode(log), ["[a|b]"], 4)
     assert log == [["a", "b", "a", "b"]]
@@ -343,7 +343,7 @@ def test_reconstruct_alternation_call_index():
 
 
 def test_reconstruct_multicond_and_weights_and_padding():
-    """Spec 7 step 2 / 11.1: one row per AND part, conds_list = (row, weight); shorter T padded with the last
+    """a1111-semantics §7 step 2 / 11.1: one row per AND part, conds_list = (row, weight); shorter T padded with the last
     vector."""
     log = []
     prompts = ["cat AND [dog:wolf:2]:0.5", "a much longer prompt text"]

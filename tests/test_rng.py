@@ -1,4 +1,4 @@
-"""Tests for sdcore/rng.py. Vectors cite shared/spec/a1111-img2img.md ("spec") sections."""
+"""Tests for sdcore/rng.py. Vectors cite docs/a1111-semantics.md sections ("a1111-semantics §N")."""
 from __future__ import annotations
 
 import math
@@ -15,13 +15,13 @@ SHAPE = (4, 8, 8)  # (C, H, W) latent cells of a 64x64 image
 
 
 def cpu_randn(seed: int, shape, draws: int = 1) -> list[torch.Tensor]:
-    """Oracle (spec 13): successive `torch.randn(shape, generator=G)` with `G = torch.Generator().manual_seed(seed)`."""
+    """Oracle (a1111-semantics §13): successive `torch.randn(shape, generator=G)` with `G = torch.Generator().manual_seed(seed)`."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g) for _ in range(draws)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Seeds (spec 1, 8.1)
+# Seeds (a1111-semantics §1, 8.1)
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [-1, "", None, "not a number", "-1"])
@@ -54,7 +54,7 @@ def test_seed_lists_spec13():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# slerp (spec 8.2, 13)
+# slerp (a1111-semantics §8.2, 13)
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_slerp_vectors_spec13():
@@ -67,7 +67,7 @@ def test_slerp_vectors_spec13():
 
 
 def test_slerp_nearly_parallel_uses_swapped_linear_weights():
-    # mean(dot) > 0.9995 -> low*val + high*(1-val) (A1111 quirk, spec 8.2), not the slerp's low*(1-val) + high*val.
+    # mean(dot) > 0.9995 -> low*val + high*(1-val) (A1111 quirk, a1111-semantics §8.2), not the slerp's low*(1-val) + high*val.
     low = torch.tensor([[[1.0], [0.0]]])
     high = torch.tensor([[[1.0], [0.01]]])
     out = rng.slerp(0.3, low, high)
@@ -91,7 +91,7 @@ def test_slerp_normalises_along_dim1_per_channel_and_column():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Philox "NV" (spec 8.3, 13)
+# Philox "NV" (a1111-semantics §8.3, 13)
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_philox4x32_10_known_answers():
@@ -122,7 +122,7 @@ def test_philox_randn_spec13_vectors():
 
 def test_philox_matches_cuda_reference_values():
     # CUDA `torch.randn((3, 4), generator=cuda seed 0)` as printed in A1111's modules/rng_philox.py docstring
-    # (spec 8.3: the numpy path differs from CUDA by <= 2e-7).
+    # (a1111-semantics §8.3: the numpy path differs from CUDA by <= 2e-7).
     cuda = [[-0.92466259, -0.42534415, -2.6438457, 0.14518388],
             [-0.12086647, -0.57972564, -0.62285122, -0.32838709],
             [-1.07454231, -0.36314407, -1.67105067, 2.26550497]]
@@ -135,7 +135,7 @@ def test_philox_is_standard_normal():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ImageRNG (spec 8.2, 13)
+# ImageRNG (a1111-semantics §8.2, 13)
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_cpu_initial_noise_and_later_draws_match_torch_generators_spec13():
@@ -221,7 +221,7 @@ def test_seed_resize_with_subseed_and_non_square_window():
 
 
 def test_centre_paste_odd_differences_spec82():
-    # Spec 8.2 formula with odd size differences (floor division):
+    # a1111-semantics §8.2 formula with odd size differences (floor division):
     # growing 3 -> 6: dx = (6 - 3)//2 = 1, the noise lands at [1:4]; shrinking 7 -> 4: dx = (4 - 7)//2 = -2, the
     # window is w0 + 2 dx = 3 wide, read from [2:5] of the noise and written to [0:3], so index 3 keeps the target.
     noise, target = torch.arange(9.0).reshape(1, 3, 3), torch.full((1, 6, 6), -1.0)

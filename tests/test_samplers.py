@@ -2,10 +2,10 @@
 
 Every sampler runs on an exact denoiser (a Gaussian mixture, tests/oracles.py `GaussianMixture`, float64), once in
 k-diffusion and once here, with the same injected noise: the oracle's `torch.randn_like` is patched (as A1111 does,
-spec 6.5) and both get the same `noise_sampler`. The number of noise draws must match too, so per-image noise
+a1111-semantics §6.5) and both get the same `noise_sampler`. The number of noise draws must match too, so per-image noise
 streams line up with A1111. Tolerance: max abs difference <= 1e-6 (float64; measured values are ~1e-14).
-Schedules: txt2img (full Karras / exponential sigmas, spec 10.2) and an img2img tail slice
-`sigmas[steps - t_enc - 1:]` (spec 6.3). Restart and LCM are A1111 functions with no k-diffusion 0.1.1 oracle:
+Schedules: txt2img (full Karras / exponential sigmas, a1111-semantics §10.2) and an img2img tail slice
+`sigmas[steps - t_enc - 1:]` (a1111-semantics §6.3). Restart and LCM are A1111 functions with no k-diffusion 0.1.1 oracle:
 Restart is checked against a chain of k-diffusion Heun steps over the hand-derived restart schedule, LCM against
 its one-line update rule.
 """
@@ -23,10 +23,10 @@ from tests.oracles import (GaussianMixture, NoiseSequence, default_dtype, k_samp
 K = k_sampling()
 GM = GaussianMixture.example(dim=4, components=3, seed=0)
 SHAPE = (2, 1, 2, 2)  # [B, C, H, W] with C*H*W = 4 = GM.dim
-SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642  # SD1 model range (spec 13)
+SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642  # SD1 model range (a1111-semantics §13)
 TOL = 1e-6
 STEPS = 12
-T_ENC = int(0.6 * STEPS)  # denoising_strength 0.6 -> t_enc 7 (spec 6.2)
+T_ENC = int(0.6 * STEPS)  # denoising_strength 0.6 -> t_enc 7 (a1111-semantics §6.2)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,7 +55,7 @@ def _schedule(kind: str, steps: int = STEPS) -> torch.Tensor:
 SCHEDULES = {
     "karras": _schedule("karras"),
     "exponential": _schedule("exponential"),
-    "karras-img2img": _schedule("karras")[STEPS - T_ENC - 1:],  # t_enc + 2 values (spec 6.3)
+    "karras-img2img": _schedule("karras")[STEPS - T_ENC - 1:],  # t_enc + 2 values (a1111-semantics §6.3)
 }
 
 # (our function, k-diffusion function name, options, whether the k-diffusion function takes noise_sampler)
@@ -217,7 +217,7 @@ class CountingNoise:
 
 @pytest.mark.parametrize("function", [S.sample_euler, S.sample_heun, S.sample_dpm_2])
 def test_churn_noise_drawn_every_step(function):
-    """k-diffusion draws the churn noise every step even with gamma = 0 (spec 10.1): same here when a
+    """k-diffusion draws the churn noise every step even with gamma = 0 (a1111-semantics §10.1): same here when a
     noise_sampler is given, so the per-image stream is consumed as in A1111; without one nothing is drawn."""
     sigmas = SCHEDULES["karras"]
     noise = CountingNoise()
@@ -273,7 +273,7 @@ def test_deterministic_settings_need_no_noise_sampler(case):
 # -- batch independence ------------------------------------------------------------------------------------------------
 
 class PerImageNoise:
-    """One seeded CPU generator per image (what sdcore.rng.ImageRNG does per seed, spec 8.2)."""
+    """One seeded CPU generator per image (what sdcore.rng.ImageRNG does per seed, a1111-semantics §8.2)."""
 
     def __init__(self, seeds):
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -350,7 +350,7 @@ def test_brownian_seed_count_must_match_batch():
 # -- the sampler table -------------------------------------------------------------------------------------------------
 
 def test_table_order_and_options():
-    """Spec 10.1 table (A1111 v1.10.1 order) and spec 6.5 extra params."""
+    """a1111-semantics §10.1 table (A1111 v1.10.1 order) and a1111-semantics §6.5 extra params."""
     assert [s.name for s in S.SAMPLERS] == [
         "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
         "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++",

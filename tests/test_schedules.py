@@ -1,5 +1,5 @@
 """Tests for sdcore.sampling.schedules: parity with k-diffusion's get_sigmas_* functions, the hand-derived 20-step
-vectors and the steps / t_enc table of spec section 13, and the get_sigmas options of spec 10.2."""
+vectors and the steps / t_enc table of spec section 13, and the get_sigmas options of a1111-semantics §10.2."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +33,7 @@ def assert_printed(actual, expected, decimals=4):
 
 
 def check_ends(sigmas, head, tail, decimals=4, length=21):
-    """Spec 13 prints the first values '...' the last ones; check both ends and the length."""
+    """a1111-semantics §13 prints the first values '...' the last ones; check both ends and the length."""
     assert sigmas.shape == (length,) and sigmas.dtype == torch.float32
     assert_printed(sigmas[:len(head)], head, decimals)
     assert_printed(sigmas[-len(tail):], tail, decimals)
@@ -52,10 +52,10 @@ def test_karras_exponential_polyexponential_parity(ks, n):
         assert torch.equal(sch.get_sigmas_exponential(n, smin, smax), ks.get_sigmas_exponential(n, smin, smax))
 
 
-# ------------------------------------------------------------------------------------ spec 13 vectors
+# ------------------------------------------------------------------------------------ a1111-semantics §13 vectors
 
 def test_uniform_and_normal_spec13(model):
-    # spec 13 "20-step schedules", uniform / normal
+    # a1111-semantics §13 "20-step schedules", uniform / normal
     expected = [14.6146, 10.7468, 8.0815, 6.2049, 4.8557, 3.8654, 3.1238, 2.5572, 2.1157, 1.7648, 1.4806, 1.2458,
                 1.0481, 0.8784, 0.7297, 0.5964, 0.4736, 0.3555, 0.2322, 0.0292, 0.0]
     for name in ("uniform", "normal", "automatic", None):
@@ -77,7 +77,7 @@ def test_exponential_spec13(model):
 
 
 def test_old_karras_spec13(model):
-    # spec 13: karras with the old (0.1, 10) range (use_old_karras_scheduler_sigmas)
+    # a1111-semantics §13: karras with the old (0.1, 10) range (use_old_karras_scheduler_sigmas)
     check_ends(get_sigmas("karras", 20, model, sigma_min=0.1, sigma_max=10), [10.0, 8.3536, 6.9453, 5.7455, 4.7280],
                [0.1398, 0.1, 0.0])
 
@@ -91,7 +91,7 @@ def test_sgm_uniform_simple_spec13(model):
 def test_ddim_scheduler_spec13(model):
     sig = get_sigmas("ddim", 20, model)
     check_ends(sig, [11.0283, 8.3907, 6.5064, 5.1344, 4.1167], [0.2281, 0.0413, 0.0])
-    # the values are the model's sigmas at t = 951, 901, ..., 1 (spec 6.4 timesteps)
+    # the values are the model's sigmas at t = 951, 901, ..., 1 (a1111-semantics §6.4 timesteps)
     assert torch.equal(sig[:-1], model.sigmas[[951 - 50 * i for i in range(20)]])
 
 
@@ -104,7 +104,7 @@ def test_kl_optimal_spec13(model):
 def test_align_your_steps_spec13(model):
     check_ends(get_sigmas("align_your_steps", 20, model), [14.615, 9.5217, 6.3012, 4.8000, 3.7179],
                [0.1599, 0.0694, 0.029, 0.0])
-    # n = 11 uses the table itself (spec 10.2), SD1 or SDXL
+    # n = 11 uses the table itself (a1111-semantics §10.2), SD1 or SDXL
     assert_printed(get_sigmas("align_your_steps", 11, model), list(sch.AYS_SD1) + [0.0], decimals=6)
     assert_printed(get_sigmas("align_your_steps", 11, model, is_sdxl=True), list(sch.AYS_SDXL) + [0.0], decimals=6)
     sdxl20 = get_sigmas("align_your_steps", 20, model, is_sdxl=True)
@@ -124,7 +124,7 @@ def test_beta_spec13(model):
 
 
 def test_img2img_first_sigmas_spec13(model):
-    # spec 13: img2img 20 steps, d=0.75 -> t_enc 15; first sigma Euler (uniform) 4.8557, DPM++ 2M (karras) 5.7894,
+    # a1111-semantics §13: img2img 20 steps, d=0.75 -> t_enc 15; first sigma Euler (uniform) 4.8557, DPM++ 2M (karras) 5.7894,
     # DPM++ 2M SDE (exponential) 3.9481; 17 sigmas = 16 model steps
     steps, t_enc = setup_img2img_steps(20, 0.75)
     for name, first in [("uniform", 4.8557), ("karras", 5.7894), ("exponential", 3.9481)]:
@@ -133,7 +133,7 @@ def test_img2img_first_sigmas_spec13(model):
         assert_printed(tail[:1], [first])
 
 
-# spec 13 "Steps / t_enc / slice": (p.steps, d, steps, t_enc, start, calls, fix: steps, t_enc, start)
+# a1111-semantics §13 "Steps / t_enc / slice": (p.steps, d, steps, t_enc, start, calls, fix: steps, t_enc, start)
 STEPS_TABLE = [
     (20, 0.75, 20, 15, 4, 16, (26, 19, 6)),
     (20, 0.5, 20, 10, 9, 11, (40, 19, 20)),
@@ -166,7 +166,7 @@ def test_setup_img2img_steps_table_spec13(model, p_steps, d, steps, t_enc, start
 
 
 def test_strength_capped_at_0_999_spec62():
-    # Spec 6.2: A1111 uses min(denoising_strength, 0.999). At 1000 steps and strength 1: t_enc = int(0.999 * 1000)
+    # a1111-semantics §6.2: A1111 uses min(denoising_strength, 0.999). At 1000 steps and strength 1: t_enc = int(0.999 * 1000)
     # = 999 (a cap of 0.99 would give 990); with fix_steps the schedule has int(1000 / 0.999) = int(1001.001) = 1001
     # steps (0.99 would give 1010).
     assert setup_img2img_steps(1000, 1.0) == (1000, 999)
@@ -205,7 +205,7 @@ def test_overrides_and_rho(model):
     assert sgm[0].item() == pytest.approx(5.0, rel=1e-5)
     # uniform / simple / ddim read the model's discrete sigmas and ignore the range (as A1111 does)
     assert torch.equal(get_sigmas("uniform", 10, model, sigma_max=5.0), get_sigmas("uniform", 10, model))
-    # rho is a global A1111 option: schedules without rho ignore it (spec 10.2)
+    # rho is a global A1111 option: schedules without rho ignore it (a1111-semantics §10.2)
     assert torch.equal(get_sigmas("exponential", 10, model, rho=3.0), get_sigmas("exponential", 10, model))
     assert torch.equal(get_sigmas("polyexponential", 10, model, rho=3.0),
                        sch.get_sigmas_polyexponential(10, model.sigma_min.item(), model.sigma_max.item(), 3.0))
@@ -216,7 +216,7 @@ def test_overrides_and_rho(model):
 def test_scheduler_table_and_lookup(model):
     names = [s.name for s in SCHEDULERS]
     assert names == ["automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
-                     "align_your_steps", "simple", "normal", "ddim", "beta"]  # spec 10.2 order
+                     "align_your_steps", "simple", "normal", "ddim", "beta"]  # a1111-semantics §10.2 order
     assert find_scheduler("Karras").name == "karras" and find_scheduler(None).name == "automatic"
     for entry in SCHEDULERS[1:]:
         sig = get_sigmas(entry.name, 7, model)
@@ -230,5 +230,5 @@ def test_scheduler_table_and_lookup(model):
 
 
 def test_ddim_scheduler_uneven_steps(model):
-    # 30 steps: stride 1000 // 30 = 33 -> t = 1, 34, ..., 991: 31 sigmas + 0 (reference quirk, spec 10.2)
+    # 30 steps: stride 1000 // 30 = 33 -> t = 1, 34, ..., 991: 31 sigmas + 0 (reference quirk, a1111-semantics §10.2)
     assert len(get_sigmas("ddim", 30, model)) == 32

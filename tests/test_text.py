@@ -207,7 +207,7 @@ def test_activation_classes():
 
 
 def test_hidden_layer_rule():
-    """Spec 11.4: clip skip N -> hidden_states[-N] (output of block L-N, i.e. L+1-N blocks) then final LN."""
+    """a1111-semantics §11.4: clip skip N -> hidden_states[-N] (output of block L-N, i.e. L+1-N blocks) then final LN."""
     assert hidden_layer(CLIP_L, 1) == (12, True)
     assert hidden_layer(CLIP_L, 2) == (11, True)
     assert hidden_layer(CLIP_L, 12) == (1, True)
@@ -244,7 +244,7 @@ def _vocab_id(token: str) -> int:
 
 
 def test_tokenizer_ids():
-    """Spec 11.4: BOS 49406, EOS 49407, ',</w>' 267. ',' is byte 44, the 12th printable byte from '!' (33), so its
+    """a1111-semantics §11.4: BOS 49406, EOS 49407, ',</w>' 267. ',' is byte 44, the 12th printable byte from '!' (33), so its
     symbol is 11 and its `</w>` form 256 + 11 = 267; 'a' (97) -> 256 + 64 = 320."""
     tok = load_tokenizer()
     assert tok.sot_token_id == 49406 and tok.eot_token_id == 49407

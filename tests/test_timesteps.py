@@ -1,6 +1,6 @@
 """Tests for sdcore.sampling.timesteps: DDIM / PLMS / UniPC against diffusers' DDIMScheduler, PNDMScheduler (PLMS
 mode) and UniPCMultistepScheduler stepping the same eps model over the same timesteps; DDIM CFG++ and the img2img
-start by hand (spec 6.4, 13).
+start by hand (a1111-semantics §6.4, 13).
 
 Tolerance: fp32 latents, max abs difference <= 2e-5 (DDIM, PLMS) / 1e-4 (UniPC) with latents of scale ~1; diffusers
 computes its coefficients in float32, we compute them in float64, which accounts for differences of ~1e-6.
@@ -49,7 +49,7 @@ def _max_err(a, b):
 # ----------------------------------------------------------------------------------------- grid and img2img
 
 def test_get_timesteps_spec64():
-    # spec 6.4: 20 steps -> 1, 51, ..., 951
+    # a1111-semantics §6.4: 20 steps -> 1, 51, ..., 951
     assert get_timesteps(20).tolist() == list(range(1, 1000, 50))
     assert get_timesteps(1).tolist() == [1]
     assert len(get_timesteps(30)) == 31 and get_timesteps(30)[-1].item() == 991  # 1000 // 30 = 33
@@ -60,7 +60,7 @@ def test_get_timesteps_spec64():
 
 
 def test_img2img_start_spec13():
-    # spec 13: DDIM img2img 20 steps, d=0.75 -> t_enc 15, noise level abar[timesteps[15] = 751]:
+    # a1111-semantics §13: DDIM img2img 20 steps, d=0.75 -> t_enc 15, noise level abar[timesteps[15] = 751]:
     # sqrt(abar) = 0.236049, sqrt(1 - abar) = 0.971741
     ac = sd_alphas_cumprod()
     x, noise = _latent(1), _latent(2)
@@ -87,7 +87,7 @@ def test_ddim_matches_diffusers(steps, eta):
 
     x0 = _latent()
     ref = x0.clone()
-    for i, t in enumerate(sched.timesteps[:-1]):  # the reference never evaluates the first grid point (spec 6.4)
+    for i, t in enumerate(sched.timesteps[:-1]):  # the reference never evaluates the first grid point (a1111-semantics §6.4)
         eps = EpsModel()(ref, t.float().expand(2))
         ref = sched.step(eps, t, ref, eta=eta, variance_noise=noises[i]).prev_sample
 
@@ -106,7 +106,7 @@ def test_ddim_eta_needs_noise_sampler():
 
 
 def test_ddim_img2img_calls():
-    # spec 6.4: timesteps[:t_enc] passed; first model call at timesteps[t_enc - 1]; t_enc - 1 calls
+    # a1111-semantics §6.4: timesteps[:t_enc] passed; first model call at timesteps[t_enc - 1]; t_enc - 1 calls
     ac = sd_alphas_cumprod()
     ts = get_timesteps(20)
     xi, sched = img2img_start(_latent(1), _latent(2), ts, 15, ac)
@@ -125,7 +125,7 @@ class TextEps:
 
 
 def test_ddim_cfgpp_one_step_by_hand():
-    # CFG++ (spec 7 step 8, 6.4): guided eps with cond_scale / 12.5 in pred_x0, the uncond eps in the direction term
+    # CFG++ (a1111-semantics §7 step 8, 6.4): guided eps with cond_scale / 12.5 in pred_x0, the uncond eps in the direction term
     ac = sd_alphas_cumprod().double()
     ts = torch.tensor([1, 51])
     x = _latent().double()
@@ -199,7 +199,7 @@ def test_unipc_img2img_and_options():
     xi, sched = img2img_start(_latent(1), _latent(2), ts, 15, ac)
     model = EpsModel()
     sample_unipc(model, xi, sched, ac, is_img2img=True)
-    # 15 calls from model time timesteps[14] = 701 (t_start = 701/1000 + 1/1000) down to 0 (spec 6.4)
+    # 15 calls from model time timesteps[14] = 701 (t_start = 701/1000 + 1/1000) down to 0 (a1111-semantics §6.4)
     assert len(model.calls) == 15 and model.calls[0] == pytest.approx(701.0, abs=1e-4)
     assert model.calls[1] == pytest.approx(701.0 * 14 / 15, abs=1e-4)
     for skip in ("time_quadratic", "logSNR"):
@@ -250,7 +250,7 @@ def test_v_prediction_converted_to_eps():
 
 
 def test_mask_blended_before_each_call():
-    # spec 6.4 / 7 step 3: timestep samplers blend the un-noised init latent into x before every model call
+    # a1111-semantics §6.4 / 7 step 3: timestep samplers blend the un-noised init latent into x before every model call
     ac = sd_alphas_cumprod()
     init = _latent(8)
     mask = torch.zeros(1, 1, 6, 6)

@@ -3,7 +3,7 @@
 Every processing flag sets one field of `StableDiffusionProcessingImg2Img` (`...Txt2Img` for txt2img) or of its
 `opts: Options`, under the A1111 name with dashes (`--denoising-strength` -> `denoising_strength`; one exception,
 `--clip-skip` -> `CLIP_stop_at_last_layers`); `FLAGS` is the table. A value comes from, in increasing priority:
-the field's default (the A1111 UI default where spec 1 gives one), `--from-infotext FILE`, the command line.
+the field's default (the A1111 UI default where a1111-semantics §1 gives one), `--from-infotext FILE`, the command line.
 
 Bad input exits with status 2 and one line naming the argument, before anything is written (no output directory
 is created). `--explain` runs the whole job with stand-ins for the UNet and VAE that only record what they are

@@ -3,7 +3,7 @@
 Every processing flag sets one field of `StableDiffusionProcessingImg2Img` (`...Txt2Img` for txt2img) or of its
 `opts: Options`, under the A1111 name with dashes (`--denoising-strength` -> `denoising_strength`; one exception,
 `--clip-skip` -> `CLIP_stop_at_last_layers`); `FLAGS` is the table. A value comes from, in increasing priority:
-the field's default (the A1111 UI default where spec 1 gives one), `--from-infotext FILE` (mapped by
+the field's default (the A1111 UI default where a1111-semantics §1 gives one), `--from-infotext FILE` (mapped by
 `values_from_infotext`), the command line; `resolve_values` applies them and checks each (UsageError naming the flag).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ MAX_INFOTEXT_BYTES = 1 << 20  # PIL's own cap on a PNG text chunk (PngImagePlugi
 IMG2IMG_HELP = """\
 img2img: noise the init image's latent to the level set by --denoising-strength, then denoise it with the prompt.
 
-denoising strength d in [0, 1] and the steps actually run (A1111 sd_samplers_common.setup_img2img_steps, spec 6.2):
+denoising strength d in [0, 1] and the steps actually run (A1111 sd_samplers_common.setup_img2img_steps, a1111-semantics §6.2):
   the schedule is built for --steps N, and only its last t_enc + 1 steps run, t_enc = int(min(d, 0.999) * N):
     N = 20: d 0.75 -> 16 steps, d 0.5 -> 11, d 0.3 -> 7, d 1.0 -> 20, d 0 -> 1 (at the smallest sigma).
   Each step is one model call (two for second-order samplers: Heun, DPM2, DPM++ 2S a, DPM++ SDE, Restart), and each
@@ -57,7 +57,7 @@ txt2img: sample --width x --height from pure noise with the prompt (--steps mode
 hires fix (--enable-hr): upscale the first pass by --hr-scale (or to --hr-resize-x x --hr-resize-y) with
   --hr-upscaler (Latent* = in latent space; Lanczos, Nearest, None = decode, resize the pixels, encode), then run
   img2img on it at --denoising-strength for --hr-second-pass-steps (0 = --steps) steps: the schedule is stretched
-  to int(steps / d) steps and its last `steps` run (A1111's explicit-steps rule, spec 6.2).
+  to int(steps / d) steps and its last `steps` run (A1111's explicit-steps rule, a1111-semantics §6.2).
   --explain prints both passes' sigmas, the model calls and the seeds without running the UNet.
 """
 
@@ -215,7 +215,7 @@ NON_NEGATIVE = _between(0)
 UNIT = _between(0, 1)
 
 FLAGS: tuple[Flag, ...] = (
-    # prompts and seeds (StableDiffusionProcessing, spec 1, 8)
+    # prompts and seeds (StableDiffusionProcessing, a1111-semantics §1, 8)
     Flag("prompt", str, "text prompt (A1111 syntax: (emphasis:1.2), [from:to:when], [a|b], BREAK, AND)",
          infotext="Prompt"),
     Flag("negative_prompt", str, "negative prompt (the unconditional branch of CFG)", infotext="Negative prompt"),
@@ -229,7 +229,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("seed_resize_from_w", int, "'resize seed from' width in pixels; -1 or 0 = off", check=_seed_resize,
          infotext="Seed resize from-1"),
     Flag("seed_enable_extras", bool, "honour subseed and seed resize (A1111 'Extra' checkbox)"),
-    # sampler (spec 10)
+    # sampler (a1111-semantics §10)
     Flag("sampler_name", str, "sampler (see `sdcore samplers`); 'DPM++ 2M Karras' style names also set the "
          "scheduler", default="DPM++ 2M", check=_sampler, infotext="Sampler", aliases=("--sampler",)),
     Flag("scheduler", str, "schedule type: automatic (the sampler's), uniform, karras, exponential, polyexponential, "
@@ -255,7 +255,7 @@ FLAGS: tuple[Flag, ...] = (
          infotext="Sigma noise"),
     Flag("s_min_uncond", float, "NGMS: skip the uncond branch on odd calls below this sigma (default: 0 = off)",
          check=NON_NEGATIVE, infotext="NGMS"),
-    # img2img (StableDiffusionProcessingImg2Img, spec 1-2)
+    # img2img (StableDiffusionProcessingImg2Img, a1111-semantics §1-2)
     Flag("denoising_strength", float, "how much of the schedule to run, in [0, 1] (see above)", default=0.75,
          check=UNIT, infotext="Denoising strength"),
     Flag("resize_mode", int, "0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)",
@@ -306,7 +306,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("hr_prompt", str, "prompt of the hires pass (empty: the same)", infotext="Hires prompt"),
     Flag("hr_negative_prompt", str, "negative prompt of the hires pass (empty: the same)",
          infotext="Hires negative prompt"),
-    # A1111 settings (Options, spec 1 'Relevant global options')
+    # A1111 settings (Options, a1111-semantics §1 'Relevant global options')
     Flag("opts.img2img_fix_steps", bool, "run exactly --steps steps of a longer schedule"),
     Flag("opts.img2img_color_correction", bool, "match the output's colours to the init image (LAB histograms)"),
     Flag("opts.img2img_background_color", str, "colour under transparent init images", check=_colour),
@@ -372,7 +372,7 @@ INFOTEXT_LABELS = {"Inpaint area": ("inpaint_full_res", INPAINT_AREA),
                    "Masked content": ("inpainting_fill", MASKED_CONTENT),
                    "Mask mode": ("inpainting_mask_invert", MASK_MODE)}
 # Absent keys that mean a default (A1111 `infotext_utils.parse_generation_parameters` fills the first six the same
-# way; the others are written only when non-default, spec 9.3).
+# way; the others are written only when non-default, a1111-semantics §9.3).
 INFOTEXT_ABSENT = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": "0",
                    "Schedule min sigma": "0", "Schedule rho": "0", "ENSD": "0", "Variation seed strength": "0",
                    "Noise multiplier": "1.0", "Extra noise": "0"}
@@ -543,7 +543,7 @@ def values_from_infotext(text: str, flags: tuple[Flag, ...], source: str = "--fr
                          ) -> tuple[dict[str, Any], list[str]]:
     """Map an infotext to {field: value} for the given flags, plus the keys that set nothing.
 
-    Keys follow `sdcore.infotext.parse_infotext` (spec 9.3): "Size" gives width and height, "Mask blur" both blur
+    Keys follow `sdcore.infotext.parse_infotext` (a1111-semantics §9.3): "Size" gives width and height, "Mask blur" both blur
     axes, "Inpaint area" / "Masked content" / "Mask mode" their A1111 labels, and any "Hires upscale/upscaler/
     resize" key turns the hires fix on (as A1111's paste does). Absent keys that A1111 omits at their default
     (`INFOTEXT_ABSENT`) set that default. Raises UsageError for a text without a parameter line or a bad value.

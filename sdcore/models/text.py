@@ -50,7 +50,7 @@ def hidden_layer(config: TextConfig, clip_skip: int = 1) -> tuple[int, bool]:
     clip_skip = 1 uses `config.layer`: "last" -> all L blocks then ln_final (transformers' `last_hidden_state`);
     "penultimate" -> L-1 blocks, then ln_final iff `config.final_ln_on_penultimate` (SD2: yes,
     ldm `FrozenOpenCLIPEmbedder`; SDXL: no, sgm embedders).
-    clip_skip = N > 1 is A1111's "Clip skip" (`CLIP_stop_at_last_layers`, spec 11.4): transformers'
+    clip_skip = N > 1 is A1111's "Clip skip" (`CLIP_stop_at_last_layers`, a1111-semantics §11.4): transformers'
     `hidden_states[-N]`, i.e. the output of block L-N (L+1-N blocks run), then ln_final (for "last" configs) or
     as the config's intermediate layer (for "penultimate" configs). It never goes shallower than the config's own
     layer: on a "penultimate" config clip_skip 1 and 2 are the same. A1111 applies CLIP skip to SD1 only (SD2
@@ -276,6 +276,6 @@ def load_tokenizer() -> SimpleTokenizer:
     the open_clip package, nothing is downloaded). Text is ftfy-fixed, whitespace-collapsed and lower-cased.
 
     `encode(text) -> list[int]` gives ids without BOS/EOS; `sot_token_id` = 49406 (BOS), `eot_token_id` = 49407
-    (EOS); `encoder[",</w>"]` = 267 (spec 11.4).
+    (EOS); `encoder[",</w>"]` = 267 (a1111-semantics §11.4).
     """
     return SimpleTokenizer()

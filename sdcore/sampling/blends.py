@@ -164,7 +164,7 @@ class A1111Blend(_Defaults):
     blend restores them exactly. No model-input blend, no infotext keys. With a grey nmask this is a plain linear
     mix (A1111 rounds the latent mask unless an extension turns rounding off).
     Sources: A1111 `modules/sd_samplers_cfg_denoiser.py` `CFGDenoiser.forward` (`apply_blend`);
-    `modules/processing.py` `StableDiffusionProcessingImg2Img.sample` (final blend); spec 6.1, 7 step 3.
+    `modules/processing.py` `StableDiffusionProcessingImg2Img.sample` (final blend); a1111-semantics §6.1, 7 step 3.
     """
     name: str = field(default="a1111", init=False, repr=False)
     keeps_grey_mask: bool = field(default=False, init=False, repr=False)

@@ -27,10 +27,10 @@ def sd_alphas_cumprod(linear_start: float = 0.00085, linear_end: float = 0.012,
 
     `betas = linspace(sqrt(linear_start), sqrt(linear_end), num_timesteps, float64) ** 2`,
     `alphas_cumprod = cumprod(1 - betas)`, computed in float64 and returned as float32 [num_timesteps] on the CPU
-    (the dtype checkpoints store). Values decrease from 0.99915 (t=0) to 0.0046601 (t=999) (spec 13).
+    (the dtype checkpoints store). Values decrease from 0.99915 (t=0) to 0.0046601 (t=999) (a1111-semantics §13).
     Source: CompVis `configs/stable-diffusion/v1-inference.yaml` (linear_start, linear_end) and
     `ldm/modules/diffusionmodules/util.py::make_beta_schedule("linear")`; SDXL's `LegacyDDPMDiscretization` uses the
-    same numbers (spec 7.1).
+    same numbers (a1111-semantics §7.1).
 
     Raises ValueError if the bounds are not 0 < linear_start <= linear_end < 1 or num_timesteps < 2.
     """
@@ -68,10 +68,10 @@ class DiscreteSchedule:
     tensors live on its device and have its dtype.
 
     Attributes: `sigmas` [n] ascending `sqrt((1 - a) / a)`, `log_sigmas` [n], `sigma_min = sigmas[0]`,
-    `sigma_max = sigmas[-1]` (0-dim tensors; SD1: 0.0291675 and 14.614642, spec 13), `quantize` (default for
+    `sigma_max = sigmas[-1]` (0-dim tensors; SD1: 0.0291675 and 14.614642, a1111-semantics §13), `quantize` (default for
     `sigma_to_t`).
 
-    Source: k-diffusion `external.py::DiscreteSchedule` and `DiscreteEpsDDPMDenoiser.__init__` (spec 7.1).
+    Source: k-diffusion `external.py::DiscreteSchedule` and `DiscreteEpsDDPMDenoiser.__init__` (a1111-semantics §7.1).
     """
 
     def __init__(self, alphas_cumprod: Tensor, quantize: bool = False):
@@ -96,7 +96,7 @@ class DiscreteSchedule:
 
         Linear interpolation in log sigma between the two neighbouring discrete levels, clamped to [0, n-1];
         `quantize=True` returns the nearest integer index instead (int64). Defaults to `self.quantize`.
-        Example (SD1): sigma_to_t(1.0) = 353.89 (spec 13).
+        Example (SD1): sigma_to_t(1.0) = 353.89 (a1111-semantics §13).
         """
         quantize = self.quantize if quantize is None else quantize
         log_sigma = sigma.log().flatten()
@@ -115,7 +115,7 @@ class DiscreteSchedule:
         """Noise level for continuous timestep `t` (any shape, values in [0, n-1]), float32-or-wider, same shape.
 
         `exp((1 - frac) * log_sigmas[floor t] + frac * log_sigmas[ceil t])`. Example (SD1): t_to_sigma(250.5) =
-        0.697097, t_to_sigma(500) = 1.61828 (spec 13). Raises ValueError for t outside [0, n-1].
+        0.697097, t_to_sigma(500) = 1.61828 (a1111-semantics §13). Raises ValueError for t outside [0, n-1].
         """
         t = torch.as_tensor(t, device=self.sigmas.device).float()
         if bool(((t < 0) | (t > self.sigmas.shape[0] - 1)).any()):
@@ -153,7 +153,7 @@ class CompVisDenoiser(DiscreteSchedule):
     (`CompVisVDenoiser`, SD2-768). Also a `DiscreteSchedule` (sigma_to_t, t_to_sigma, get_sigmas, sigma_min...).
 
     Source: k-diffusion `external.py` `DiscreteEpsDDPMDenoiser` / `DiscreteVDDPMDenoiser` with sigma_data = 1
-    (spec 7.1); v-parametrisation: Salimans & Ho 2022, "Progressive distillation", eq. for v.
+    (a1111-semantics §7.1); v-parametrisation: Salimans & Ho 2022, "Progressive distillation", eq. for v.
     Raises ValueError for an unknown `prediction`.
     """
 
@@ -174,7 +174,7 @@ class CompVisDenoiser(DiscreteSchedule):
 
         eps: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2+1).
         v: c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1), c_in = 1/sqrt(sigma^2+1).
-        Example: sigma = 14.614642 -> c_in 0.068265, v c_skip 0.0046601, v c_out -0.997667 (spec 13).
+        Example: sigma = 14.614642 -> c_in 0.068265, v c_skip 0.0046601, v c_out -0.997667 (a1111-semantics §13).
         """
         c_in = 1 / (sigma ** 2 + 1) ** 0.5
         if self.prediction == "eps":
@@ -257,7 +257,7 @@ def combine_denoised(x_out: Tensor, uncond_out: Tensor, conds_list: Sequence[Seq
 
     `out[i] = uncond_out[i] + sum_k (x_out[row_k] - uncond_out[i]) * (w_k * cond_scale)` over the (row_k, w_k) pairs
     of `conds_list[i]`. `x_out` [N, ...] cond-row outputs, `uncond_out` [B, ...]. Returns [B, ...] (new tensor).
-    Source: A1111 `CFGDenoiser.combine_denoised` (spec 7 step 8).
+    Source: A1111 `CFGDenoiser.combine_denoised` (a1111-semantics §7 step 8).
     """
     denoised = uncond_out.clone()
     for i, parts in enumerate(conds_list):
@@ -272,7 +272,7 @@ def combine_denoised_for_edit_model(out_cond: Tensor, out_img_cond: Tensor, out_
 
     `out_uncond + cond_scale * (out_cond - out_img_cond) + image_cfg_scale * (out_img_cond - out_uncond)` where
     out_cond = text and image conditioned, out_img_cond = image only, out_uncond = neither.
-    Source: A1111 `CFGDenoiser.combine_denoised_for_edit_model` (spec 7 step 8).
+    Source: A1111 `CFGDenoiser.combine_denoised_for_edit_model` (a1111-semantics §7 step 8).
     """
     return out_uncond + cond_scale * (out_cond - out_img_cond) + image_cfg_scale * (out_img_cond - out_uncond)
 
@@ -319,7 +319,7 @@ class CFGDenoiser:
                 image_cond: Tensor | None = None, s_min_uncond: float = 0.0,
                 conds_list: Sequence[Sequence[tuple[int, float]]] | None = None, step: int = 0,
                 total_steps: int | None = None, return_uncond: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """One guided model evaluation (spec 7).
+        """One guided model evaluation (a1111-semantics §7).
 
         - `x` [B,C,h,w] latents, `sigma` [B] noise levels (or timesteps for eps-model inners).
         - `cond`: {"c_crossattn": [N,T,Ctxt], optional "y": [N,adm]} with N conditioning rows, or a callable
@@ -359,7 +359,7 @@ class CFGDenoiser:
 
         repeats = torch.tensor([len(parts) for parts in conds_list], device=x.device)
         skip = self.skips_uncond(sigma, step, s_min_uncond)
-        # Row layout (spec 7 step 4): cond rows (x[i] once per AND part), then B uncond rows; edit: + B rows with
+        # Row layout (a1111-semantics §7 step 4): cond rows (x[i] once per AND part), then B uncond rows; edit: + B rows with
         # a zero image.
         groups = [(x.repeat_interleave(repeats, 0), sigma.repeat_interleave(repeats, 0),
                    None if image_cond is None else image_cond.repeat_interleave(repeats, 0))]

@@ -10,7 +10,7 @@ Every sampler has k-diffusion's contract (STYLE.md 5):
 - `sigmas`: 1-D tensor of noise levels (standard deviations in k-diffusion's variance-exploding parameterisation
   x = x0 + sigma * n), decreasing, usually ending in 0. img2img is a tail slice of the txt2img schedule.
 - `noise_sampler(sigma, sigma_next) -> Tensor like x`: the only source of randomness. k-diffusion calls
-  `torch.randn_like` on the global RNG, which A1111 routes to per-image seeded generators (spec 6.5); here every
+  `torch.randn_like` on the global RNG, which A1111 routes to per-image seeded generators (a1111-semantics §6.5); here every
   draw is injected, in the same number and order as k-diffusion, so per-image noise streams line up with A1111.
   A sampler raises ValueError when a draw is needed (non-zero noise multiplier) and `noise_sampler` is None; with a
   noise_sampler it also makes k-diffusion's unused draws (e.g. the churn noise of Euler when gamma = 0).
@@ -47,7 +47,7 @@ NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # -- shared pieces -----------------------------------------------------------------------------------------------------
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """ODE derivative dx/dsigma = (x - D) / sigma (Karras et al. 2022 eq. 3); A1111's form, no append_dims (spec 7.1).
+    """ODE derivative dx/dsigma = (x - D) / sigma (Karras et al. 2022 eq. 3); A1111's form, no append_dims (a1111-semantics §7.1).
 
     `sigma` is a scalar (0-dim tensor or float); x and denoised have the same shape.
     """
@@ -118,7 +118,7 @@ def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, sample
     """Karras et al. 2022 Algorithm 2 lines 4-6: raise the noise level sigma_i to sigma_hat = sigma_i (1 + gamma).
 
     gamma = min(s_churn / N, sqrt(2) - 1) inside [s_tmin, s_tmax], else 0; x += eps * s_noise *
-    sqrt(sigma_hat^2 - sigma_i^2). k-diffusion draws eps every step, also when gamma = 0 (spec 10.1).
+    sqrt(sigma_hat^2 - sigma_i^2). k-diffusion draws eps every step, also when gamma = 0 (a1111-semantics §10.1).
     """
     sigma = sigmas[i]
     gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
@@ -463,7 +463,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     """DPM-Solver-fast with `n` model calls from sigma_max down to sigma_min (> 0); see `DPMSolver.dpm_solver_fast`.
 
     k-diffusion's signature: (sigma_min, sigma_max, n) instead of sigmas (A1111 passes the last non-zero and the
-    first sigma of the schedule and n = len(sigmas) - 1, spec 6.3). Returns x at sigma_min (no final step to 0).
+    first sigma of the schedule and n = len(sigmas) - 1, a1111-semantics §6.3). Returns x at sigma_min (no final step to 0).
     """
     with tqdm(total=n, disable=disable) as pbar:
         solver, t_start, t_end = _dpm_solver_setup(model, x, sigma_min, sigma_max, extra_args, callback, pbar,
@@ -564,7 +564,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     """DPM-Solver++(2M): multistep second order (Lu et al. 2022b, Algorithm 2), one model call per step.
 
     D_d = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1} / h_i, extrapolates D linearly in t to the step midpoint;
-    first order (D_d = D_i) on the first step and on the step to sigma = 0 (spec 10.1).
+    first order (D_d = D_i) on the first step and on the step to sigma = 0 (a1111-semantics §10.1).
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpmpp_2m")
     old_denoised = None
@@ -741,7 +741,7 @@ def restart_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
 # -- Brownian noise ----------------------------------------------------------------------------------------------------
 
 class BrownianTreeNoiseSampler:
-    """Noise from one Brownian motion per image: W(t0, t1) / sqrt(|t1 - t0|), [B, ...] like x (spec 8.2).
+    """Noise from one Brownian motion per image: W(t0, t1) / sqrt(|t1 - t0|), [B, ...] like x (a1111-semantics §8.2).
 
     Image i uses `torchsde.BrownianTree(entropy=seeds[i])`, so image i of a batch equals the same seed run alone,
     and the noise of a step depends only on its interval, not on the step count (what A1111's "DPM++ SDE" samplers
@@ -772,7 +772,7 @@ class BrownianTreeNoiseSampler:
         return w / (t1 - t0).abs().sqrt()
 
 
-# -- the A1111 sampler table (spec 10.1) -------------------------------------------------------------------------------
+# -- the A1111 sampler table (a1111-semantics §10.1) -------------------------------------------------------------------------------
 
 CHURN_PARAMS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
@@ -783,7 +783,7 @@ class SamplerInfo:
 
     `function` is the sampler in this module (None for kind="timestep": DDIM, DDIM CFG++, PLMS, UniPC live in
     sdcore/sampling/timesteps.py under `funcname`). `scheduler`: default scheduler name when the user picks
-    "Automatic" (None -> uniform). `extra_params`: keyword options A1111 takes from p for this function (spec 6.5,
+    "Automatic" (None -> uniform). `extra_params`: keyword options A1111 takes from p for this function (a1111-semantics §6.5,
     including "eta" when the function has one). `denoiser` "lcm" -> A1111 wraps the model in its LCM denoiser.
     """
 
@@ -796,14 +796,14 @@ class SamplerInfo:
     second_order: bool = False  # two model calls per step: A1111 counts 2 * steps for prompt schedules
     brownian_noise: bool = False  # per-image BrownianTreeNoiseSampler instead of the image RNG
     discard_next_to_last_sigma: bool = False
-    uses_ensd: bool = False  # infotext ENSD only for these (spec 8.2)
+    uses_ensd: bool = False  # infotext ENSD only for these (a1111-semantics §8.2)
     solver_type: str | None = None
     extra_params: tuple[str, ...] = ()
     denoiser: str = "default"
     sigma_range: bool = False  # DPM fast / adaptive: called with (sigma_min, sigma_max) instead of a schedule
 
     def total_steps(self, steps: int) -> int:
-        """Steps as A1111 counts them for prompt editing and CFG fractions (`SamplerData.total_steps`, spec 10.2)."""
+        """Steps as A1111 counts them for prompt editing and CFG fractions (`SamplerData.total_steps`, a1111-semantics §10.2)."""
         return steps * 2 if self.second_order else steps
 
 
@@ -857,7 +857,7 @@ def _scheduler_suffixes() -> list[tuple[str, str]]:
 
 
 def find_sampler(name: str) -> tuple[SamplerInfo, str | None]:
-    """Resolve a sampler name as A1111 does (`sd_samplers.get_sampler_and_scheduler`, spec 9 step 1).
+    """Resolve a sampler name as A1111 does (`sd_samplers.get_sampler_and_scheduler`, a1111-semantics §9 step 1).
 
     First a trailing " <scheduler>" (label, name or alias, e.g. "DPM++ 2M Karras") is split off, as A1111 does for
     old infotexts; then the rest must be a sampler name (case-sensitive) or one of its aliases ("k_euler_a").

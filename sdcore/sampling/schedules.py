@@ -6,7 +6,7 @@ sigmas[-1]. Each function is computed the way the reference computes it (same dt
 values match it bit for bit where the reference is torch.
 
 Sources (facts, re-implemented): A1111 `modules/sd_schedulers.py` and `sd_samplers_kdiffusion.py::get_sigmas`,
-`sd_samplers_common.py::setup_img2img_steps` (spec 6.2, 6.3, 10.2); k-diffusion `sampling.py::get_sigmas_karras`,
+`sd_samplers_common.py::setup_img2img_steps` (a1111-semantics §6.2, 6.3, 10.2); k-diffusion `sampling.py::get_sigmas_karras`,
 `get_sigmas_exponential`, `get_sigmas_polyexponential`; papers named in each docstring.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .denoisers import DiscreteSchedule
 
-# Align Your Steps (Sabour et al. 2024) 10-step tables, from NVIDIA's "how to" page, as used by A1111 (spec 10.2).
+# Align Your Steps (Sabour et al. 2024) 10-step tables, from NVIDIA's "how to" page, as used by A1111 (a1111-semantics §10.2).
 AYS_SD1 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
 AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
 
@@ -46,7 +46,7 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
     """Karras et al. 2022 ("Elucidating the design space", eq. 5): [n + 1] float32, last 0.
 
     `sigma_i = (sigma_max^(1/rho) + i/(n-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`, i = 0..n-1.
-    Source: k-diffusion `get_sigmas_karras`. 20 steps SD1: 14.6146, 11.7254, 9.3402, ... 0.0292, 0 (spec 13).
+    Source: k-diffusion `get_sigmas_karras`. 20 steps SD1: 14.6146, 11.7254, 9.3402, ... 0.0292, 0 (a1111-semantics §13).
     """
     _check_n(n)
     _check_range(sigma_min, sigma_max)
@@ -106,7 +106,7 @@ def sgm_uniform(n: int, sigma_min: float, sigma_max: float, schedule: DiscreteSc
     """Like `normal` but n + 1 evenly spaced timesteps of which the last (t(sigma_min)) is dropped, + [0].
 
     Stability's sgm `DiscreteSampling`-style spacing. Source: A1111 `sd_schedulers.sgm_uniform`. 20 steps SD1:
-    14.6146, 10.9073, 8.3072, ... 0.3437, 0.2255, 0 (spec 13).
+    14.6146, 10.9073, 8.3072, ... 0.3437, 0.2255, 0 (a1111-semantics §13).
     """
     _check_n(n)
     _check_range(sigma_min, sigma_max)
@@ -129,7 +129,7 @@ def ddim(n: int, schedule: DiscreteSchedule) -> Tensor:
     """The DDIM timestep grid in sigma: `sigmas[1::max(1000 // n, 1)]` reversed, + [0].
 
     Length is `len(range(1, 1000, stride)) + 1` (= n + 1 when n divides 1000). Source: A1111
-    `sd_schedulers.ddim_scheduler`. 20 steps SD1: 11.0283, 8.3907, ... 0.2281, 0.0413, 0 (spec 13).
+    `sd_schedulers.ddim_scheduler`. 20 steps SD1: 11.0283, 8.3907, ... 0.2281, 0.0413, 0 (a1111-semantics §13).
     """
     _check_n(n)
     stride = max(len(schedule.sigmas) // n, 1)
@@ -164,7 +164,7 @@ def align_your_steps(n: int, is_sdxl: bool = False) -> Tensor:
     """Align Your Steps (Sabour et al. 2024) tables for SD1 or SDXL, resampled to n values if n != 11, + [0].
 
     Uses the fixed table sigmas (not the model's range). Returns [n + 1] float32. 20 steps SD1: 14.615, 9.5217,
-    6.3012, 4.8000, 3.7179, ... 0.0694, 0.029, 0 (spec 13).
+    6.3012, 4.8000, 3.7179, ... 0.0694, 0.029, 0 (a1111-semantics §13).
     """
     _check_n(n)
     table = AYS_SDXL if is_sdxl else AYS_SD1
@@ -200,7 +200,7 @@ class Scheduler:
     default_rho: float | None = None
 
 
-# A1111 `sd_schedulers.schedulers` order (spec 10.2); "Karras Exponential" of later A1111 versions is not included.
+# A1111 `sd_schedulers.schedulers` order (a1111-semantics §10.2); "Karras Exponential" of later A1111 versions is not included.
 SCHEDULERS: tuple[Scheduler, ...] = (
     Scheduler("automatic", "Automatic", None),
     Scheduler("uniform", "Uniform", uniform),
@@ -235,7 +235,7 @@ def get_sigmas(scheduler: str | None, steps: int, schedule: DiscreteSchedule, *,
                discard_next_to_last_sigma: bool = False, sigma_min: float | None = None,
                sigma_max: float | None = None, rho: float | None = None, is_sdxl: bool = False,
                beta_alpha: float = 0.6, beta_beta: float = 0.6) -> Tensor:
-    """The sigma schedule for `steps` sampler steps, as A1111's `KDiffusionSampler.get_sigmas` (spec 10.2).
+    """The sigma schedule for `steps` sampler steps, as A1111's `KDiffusionSampler.get_sigmas` (a1111-semantics §10.2).
 
     - `scheduler`: a name, label or alias of `SCHEDULERS`; "automatic"/None uses `default_scheduler` (the sampler's
       preferred one, e.g. "karras" for DPM++ 2M), and with none of those the model's uniform schedule.
@@ -280,7 +280,7 @@ def setup_img2img_steps(steps: int, denoising_strength: float, fix_steps: bool =
     0.29 * 100 = 28.999... -> 28), i.e. t_enc + 1 model steps. `fix_steps` (A1111 option `img2img_fix_steps`, or
     an explicit step count as hires fix passes): the schedule is stretched to `int(steps / min(d, 0.999))` steps and
     `t_enc = steps - 1`, so exactly `steps` steps run. Source: A1111 `sd_samplers_common.setup_img2img_steps`
-    (spec 6.2, table in spec 13: 20 steps at 0.75 -> (20, 15); with fix_steps -> (26, 19)).
+    (a1111-semantics §6.2, table in a1111-semantics §13: 20 steps at 0.75 -> (20, 15); with fix_steps -> (26, 19)).
 
     Raises ValueError for steps < 1, a strength outside [0, 1], or fix_steps with strength 0 (a 0-step schedule).
     """
@@ -302,7 +302,7 @@ def img2img_sigmas(sigmas: Tensor, steps: int, t_enc: int) -> Tensor:
     sampler steps); `t_enc` from `setup_img2img_steps`, 0 <= t_enc <= steps - 1. The first value is the noise level
     added to the init latent (`xi = init_latent + noise * sigmas[0]`). The slice is taken from the front even when a
     schedule's length is not steps + 1 ("ddim" when steps does not divide 1000), as the reference does. Source: A1111
-    `KDiffusionSampler.sample_img2img` (spec 6.3). Example: 20-step uniform schedule, t_enc 15 -> starts at 4.8557.
+    `KDiffusionSampler.sample_img2img` (a1111-semantics §6.3). Example: 20-step uniform schedule, t_enc 15 -> starts at 4.8557.
     Raises ValueError if t_enc is out of range or fewer than 2 sigmas would remain.
     """
     if sigmas.ndim != 1:

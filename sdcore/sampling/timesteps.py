@@ -1,4 +1,4 @@
-"""Timestep samplers: DDIM, DDIM CFG++, PLMS and UniPC, as A1111 runs them (spec 6.4).
+"""Timestep samplers: DDIM, DDIM CFG++, PLMS and UniPC, as A1111 runs them (a1111-semantics §6.4).
 
 Unlike the k-diffusion samplers (which walk a sigma schedule with a denoiser returning x0), these work in the
 variance-preserving (VP) parametrisation `x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps` on the model's discrete
@@ -7,7 +7,7 @@ timesteps, and call an eps model:
     model(x [B,C,h,w], t [B] float timesteps in [0, 999], **extra_args) -> eps [B,C,h,w]
 
 normally a `CFGDenoiser(CompVisTimestepsDenoiser(...), mask_before_denoising=True, ...)`: A1111 blends the un-noised
-init latent into x *before* each model call for these samplers (spec 7 step 3), so the blend lives in the
+init latent into x *before* each model call for these samplers (a1111-semantics §7 step 3), so the blend lives in the
 CFG denoiser, not here. Glossary: B images, C latent channels, h, w latent cells, abar = alphas_cumprod [1000].
 
 Every sampler function takes the ascending timestep grid `timesteps` (e.g. `get_timesteps(20)` = 1, 51, ..., 951,
@@ -63,7 +63,7 @@ class CompVisTimestepsDenoiser:
 def get_timesteps(steps: int, discard_next_to_last_sigma: bool = False, device: torch.device | None = None) -> Tensor:
     """The ascending DDPM timestep grid `clip(range(0, 1000, 1000 // steps) + 1, 0, 999)` (int64).
 
-    20 steps -> 1, 51, ..., 951 (spec 6.4). When `steps` does not divide 1000 the grid has more than `steps`
+    20 steps -> 1, 51, ..., 951 (a1111-semantics §6.4). When `steps` does not divide 1000 the grid has more than `steps`
     entries (30 -> 31 entries), as in the reference. `discard_next_to_last_sigma` adds one step first (A1111
     `CompVisSampler.get_timesteps`). Raises ValueError unless 1 <= steps <= 1000.
     """
@@ -80,7 +80,7 @@ def img2img_start(init_latent: Tensor, noise: Tensor, timesteps: Tensor, t_enc: 
     `init_latent`, `noise` [B,C,h,w] (noise ~ N(0, 1)); `timesteps` from `get_timesteps(steps)`; `t_enc` from
     `schedules.setup_img2img_steps`. With a = abar[timesteps[t_enc]]: `xi = init_latent * sqrt(a) + noise *
     sqrt(1 - a)`, plus `noise * extra_noise * sqrt(a)` for A1111's "Extra noise" option. Source: A1111
-    `CompVisSampler.sample_img2img` (spec 6.4; 20 steps at 0.75 -> t_enc 15, a = abar[751], sqrt 0.236049).
+    `CompVisSampler.sample_img2img` (a1111-semantics §6.4; 20 steps at 0.75 -> t_enc 15, a = abar[751], sqrt 0.236049).
     Raises ValueError if t_enc is not a valid index of `timesteps` or shapes differ.
     """
     if noise.shape != init_latent.shape:
@@ -139,7 +139,7 @@ def _ddim_loop(model: Callable[..., Any], x: Tensor, timesteps: Tensor, alphas_c
     alphas, alphas_prev = _step_alphas(timesteps, alphas_cumprod)
     s_in = x.new_ones([x.shape[0]])
     n = len(timesteps)
-    # Reference quirk (spec 6.4): grid indices n-1 ... 1 only; the last step lands on abar[timesteps[0]], not x0.
+    # Reference quirk (a1111-semantics §6.4): grid indices n-1 ... 1 only; the last step lands on abar[timesteps[0]], not x0.
     for i, index in enumerate(range(n - 1, 0, -1)):
         out = model(x, float(timesteps[index]) * s_in, **extra_args)
         e_t, e_dir = out if cfgpp else (out, out)

@@ -11,7 +11,6 @@ Sources (facts, re-implemented): A1111 `modules/sd_schedulers.py` and `sd_sample
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -256,18 +255,28 @@ def get_sigmas(scheduler: str | None, steps: int, schedule: DiscreteSchedule, *,
         if entry.function is None:
             raise ValueError("default_scheduler must name a concrete scheduler, not 'automatic'")
     n = steps + 1 if discard_next_to_last_sigma else steps
-    available = {
-        "n": n, "schedule": schedule, "is_sdxl": is_sdxl, "alpha": beta_alpha, "beta": beta_beta,
-        "sigma_min": float(schedule.sigma_min) if sigma_min is None else float(sigma_min),
-        "sigma_max": float(schedule.sigma_max) if sigma_max is None else float(sigma_max),
-    }
-    if rho is not None and entry.default_rho is not None:
-        available["rho"] = float(rho)
-    if entry.function is None:
+    lo = float(schedule.sigma_min) if sigma_min is None else float(sigma_min)
+    hi = float(schedule.sigma_max) if sigma_max is None else float(sigma_max)
+    rho = entry.default_rho if rho is None or entry.default_rho is None else float(rho)
+    name = entry.name
+    if name in ("automatic", "uniform"):
         sigmas = uniform(n, schedule)
-    else:
-        params = inspect.signature(entry.function).parameters
-        sigmas = entry.function(**{k: v for k, v in available.items() if k in params})
+    elif name == "karras":
+        sigmas = get_sigmas_karras(n, lo, hi, rho=rho)
+    elif name == "exponential":
+        sigmas = get_sigmas_exponential(n, lo, hi)
+    elif name == "polyexponential":
+        sigmas = get_sigmas_polyexponential(n, lo, hi, rho=rho)
+    elif name in ("sgm_uniform", "normal"):
+        sigmas = entry.function(n, lo, hi, schedule)
+    elif name in ("simple", "ddim"):
+        sigmas = entry.function(n, schedule)
+    elif name == "kl_optimal":
+        sigmas = kl_optimal(n, lo, hi)
+    elif name == "align_your_steps":
+        sigmas = align_your_steps(n, is_sdxl=is_sdxl)
+    else:  # "beta"
+        sigmas = beta(n, lo, hi, alpha=beta_alpha, beta=beta_beta)
     if discard_next_to_last_sigma:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return sigmas.float().cpu()

@@ -24,9 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from safetensors import safe_open
 
 from . import families
 from .families import Family, TextConfig, UNetConfig, VAEConfig
+from .models.text import TextEncoder, hf_to_open_clip, load_tokenizer
+from .models.unet import UNetModel
+from .models.vae import AutoencoderKL
+from .prompts import encode_family_conditioning
+from .sampling.denoisers import sd_alphas_cumprod
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -164,8 +171,6 @@ class StableDiffusionModel:
         conditioning, default the family's native size; `is_negative_prompt` selects A1111's zeroed empty negative
         prompt and the refiner's low aesthetic score). On the model's device, in its compute dtype.
         """
-        from .prompts import encode_family_conditioning
-
         cond = encode_family_conditioning(self.family, self.text_encoders, self.tokenizer, texts,
                                           clip_skip=clip_skip, emphasis=emphasis, width=width, height=height,
                                           is_negative_prompt=is_negative_prompt)
@@ -202,8 +207,6 @@ def open_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint: no such file: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -483,7 +486,6 @@ def prediction_from_yaml(path: Path) -> str:
     """Parameterization declared by an LDM/sgm inference yaml: `model.params.parameterization` ("eps" / "v"; LDM's
     default "eps" when absent), or for sgm configs the denoiser's scaling class (`VScaling` -> "v", `EpsScaling`
     -> "eps"). Raises CheckpointError for an unreadable yaml or a parameterization sdcore does not run ("x0")."""
-    import yaml  # PyYAML, a dependency of open-clip-torch's huggingface_hub
 
     try:
         config = yaml.safe_load(path.read_text())
@@ -608,10 +610,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     Raises CheckpointError for unreadable, hostile, unrecognised or mismatching files (keys listed), ValueError for
     a bad `prediction`.
     """
-    from .models.text import TextEncoder, hf_to_open_clip, load_tokenizer
-    from .models.unet import UNetModel
-    from .models.vae import AutoencoderKL
-    from .sampling.denoisers import sd_alphas_cumprod
 
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction={prediction!r}; allowed: {PREDICTIONS} (or None to detect it)")

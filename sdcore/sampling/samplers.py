@@ -36,8 +36,12 @@ from pathlib import Path
 
 import torch
 import torchsde
+from safetensors import safe_open
+from safetensors.torch import save_file
 from scipy import integrate
 from tqdm.auto import tqdm, trange
+
+from .schedules import SCHEDULERS
 
 from .schedules import get_sigmas_karras
 
@@ -851,8 +855,6 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
 
 def _scheduler_suffixes() -> list[tuple[str, str]]:
     """(suffix, scheduler name) pairs in A1111 order: each scheduler's label, name and aliases."""
-    from .schedules import SCHEDULERS
-
     return [(option, s.name) for s in SCHEDULERS for option in (s.label, s.name, *s.aliases)]
 
 
@@ -902,15 +904,11 @@ class TraceRecorder:
         return {f"step{n}.{key}": value for n, record in enumerate(self.records) for key, value in record.items()}
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-        from safetensors.torch import save_file
-
         save_file(self.tensors(), str(path), metadata={"steps": str(len(self.records)), **(metadata or {})})
 
 
 def load_trace(path: str | Path) -> list[dict[str, torch.Tensor]]:
     """Read a `TraceRecorder` file back: a list with one {key: tensor} dict per callback call, in call order."""
-    from safetensors import safe_open
-
     records: dict[int, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():

@@ -246,7 +246,8 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
 def txt2img(model: StableDiffusionModel, prompts: list[str], negative_prompts: list[str], *, sampler: SamplerInfo,
             scheduler: str | None, steps: int, cfg_scale: float, seeds: Seeds, width: int, height: int,
             options: SamplerOptions = SamplerOptions(), text: TextOptions = TextOptions(),
-            refiner: Refiner | None = None, decode_images: bool = True, callback: Callable | None = None,
+            vae_sample: bool = True, inpainting_mask_weight: float = 1.0, refiner: Refiner | None = None,
+            decode_images: bool = True, callback: Callable | None = None,
             model_callback: Callable | None = None, disable_progress: bool | None = None) -> Result:
     """txt2img of one batch from pure noise at the schedule's first sigma (a1111-semantics §6.3, last paragraph).
 
@@ -259,7 +260,8 @@ def txt2img(model: StableDiffusionModel, prompts: list[str], negative_prompts: l
     later_conds = refiner_conds(refiner, prompts, negative_prompts, sampler, steps, text, width, height)
     noise_rng = seeds.rng(shape, device)
     noise = noise_rng.next().float()
-    image_cond = txt2img_image_conditioning(model, noise, list(seeds.seeds), seeds.source)
+    image_cond = txt2img_image_conditioning(model, noise, list(seeds.seeds), mask_weight=inpainting_mask_weight,
+                                            vae_sample=vae_sample, rng_source=seeds.source)
     record = SamplingPass(sampler.name, None, steps, None, None, None, None, width, height)
     if sampler.kind == "timestep":
         x, record.timesteps = noise, get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
@@ -281,7 +283,8 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
               denoising_strength: float, cfg_scale: float, seeds: Seeds, width: int, height: int,
               cond_size: tuple[int, int],
               upscaler: str = "Latent", options: SamplerOptions = SamplerOptions(), text: TextOptions = TextOptions(),
-              vae_sample: bool = True, refiner: Refiner | None = None, callback: Callable | None = None,
+              vae_sample: bool = True, inpainting_mask_weight: float = 1.0, refiner: Refiner | None = None,
+              callback: Callable | None = None,
               model_callback: Callable | None = None, disable_progress: bool | None = None) -> Result:
     """The hires fix's second pass (A1111 `sample_hr_pass`): upscale txt2img `latents` [B,C,h,w] to `width` x
     `height` pixels in latent space (`LATENT_UPSCALERS`) or in pixels (decode, PIL resize, encode), then img2img
@@ -303,7 +306,8 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
     if model.family.conditioning == "hybrid":
         source = pixels_to_source(decode(model, init_latent), device) if source is None else source
         image_cond = image_conditioning(model, source, init_latent, None, batch_seeds, mask_round=True,
-                                        mask_weight=1.0, vae_sample=vae_sample, rng_source=seeds.source)
+                                        mask_weight=inpainting_mask_weight, vae_sample=vae_sample,
+                                        rng_source=seeds.source)
     noise_rng = seeds.rng(tuple(init_latent.shape[1:]), device)
     noise = noise_rng.next().float()
     conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(first_pass_steps), text, *cond_size,
@@ -425,8 +429,8 @@ def image_conditioning(model: StableDiffusionModel, source: Tensor, latent: Tens
     return torch.cat([cmask, masked_latent], dim=1).to(latent.dtype)
 
 
-def txt2img_image_conditioning(model: StableDiffusionModel, x: Tensor, seeds: Sequence[int],
-                               rng_source: str) -> Tensor | None:
+def txt2img_image_conditioning(model: StableDiffusionModel, x: Tensor, seeds: Sequence[int], *, mask_weight: float,
+                               vae_sample: bool, rng_source: str) -> Tensor | None:
     """txt2img with a 9-channel model (a1111-semantics §5.1): a ones mask and the latent of a 0.5-grey image.
     Raises NotImplementedError for instruct-pix2pix models (they need an image)."""
     if model.family.conditioning == "edit":
@@ -434,8 +438,8 @@ def txt2img_image_conditioning(model: StableDiffusionModel, x: Tensor, seeds: Se
     if model.family.conditioning != "hybrid":
         return None
     grey = x.new_zeros(x.shape[0], 3, x.shape[2] * 8, x.shape[3] * 8)  # 0.5 in [0, 1] is 0 in [-1, 1]
-    return image_conditioning(model, grey, x, None, seeds, mask_round=True, mask_weight=1.0, vae_sample=True,
-                              rng_source=rng_source)
+    return image_conditioning(model, grey, x, None, seeds, mask_round=True, mask_weight=mask_weight,
+                              vae_sample=vae_sample, rng_source=rng_source)
 
 
 def encode_conds(model: StableDiffusionModel, prompts: list[str], negative_prompts: list[str], total_steps: int,

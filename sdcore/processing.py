@@ -381,8 +381,14 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         return self.mask_blur_x if self.mask_blur_x == self.mask_blur_y else None
 
     def blend(self) -> MaskBlend:
-        """The mask blend strategy of `mask_blend` (a name or a MaskBlend)."""
-        return make_blend(self.mask_blend) if isinstance(self.mask_blend, str) else self.mask_blend
+        """The mask blend strategy of `mask_blend` (a name or a MaskBlend). Raises ValueError for an unknown name,
+        TypeError for anything else."""
+        if isinstance(self.mask_blend, str):
+            return make_blend(self.mask_blend)
+        if not isinstance(self.mask_blend, MaskBlend):
+            raise TypeError(f"mask_blend: {self.mask_blend!r}; must be a name of sdcore.sampling.blends.BLENDS "
+                            "or a MaskBlend object")
+        return self.mask_blend
 
     def validate(self) -> None:
         super().validate()
@@ -570,7 +576,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         first = pipeline.txt2img(
             self.sd_model, prompts, negative_prompts, sampler=job.sampler, scheduler=job.scheduler, steps=self.steps,
             cfg_scale=self.cfg_scale, seeds=batch_seeds, width=self.width, height=self.height, options=options,
-            text=text, refiner=job.refiner, decode_images=not self.enable_hr, callback=callback,
+            text=text, vae_sample=self.opts.vae_encode_sample, inpainting_mask_weight=self.opts.inpainting_mask_weight,
+            refiner=job.refiner, decode_images=not self.enable_hr, callback=callback,
             model_callback=model_callback, disable_progress=disable_progress)
         params = {**self.init_params(), **self.prompt_params(prompts, negative_prompts), **sampler_params,
                   **self.refiner_params(job.refiner, first.plan.passes[0])}
@@ -595,7 +602,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             steps=self.hr_second_pass_steps or self.steps, first_pass_steps=self.steps,
             denoising_strength=self.denoising_strength, cfg_scale=self.cfg_scale, seeds=batch_seeds, width=width,
             height=height, cond_size=(self.width, self.height), upscaler=self.hr_upscaler or "Latent", options=hr_options, text=text,
-            vae_sample=self.opts.vae_encode_sample, refiner=refiner, callback=callback, model_callback=model_callback,
+            vae_sample=self.opts.vae_encode_sample, inpainting_mask_weight=self.opts.inpainting_mask_weight,
+            refiner=refiner, callback=callback, model_callback=model_callback,
             disable_progress=disable_progress)
         params.update(self.prompt_params(hr_prompts, hr_negative))
         params.update(hr_params)

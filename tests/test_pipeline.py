@@ -224,7 +224,7 @@ def test_encode_sample_is_mean_plus_std_times_vae_noise(sd1_tiny, source128, see
     source = source128.to(sd.device)
     with torch.inference_mode():
         z = pipeline.encode(sd, source, [seed], sample=True)
-        dist = sd.vae.encode(source.to(sd.vae_dtype))
+        dist = sd.vae.encode(source[0][None].to(sd.device, sd.vae_dtype))  # one image, as encode does
         mean = pipeline.encode(sd, source, [seed], sample=False)
     scale = sd.family.vae.scale_factor
     eps = rng.vae_sample_noise([seed], dist.mean.shape[1:], device=sd.device)
@@ -416,9 +416,26 @@ def test_xt_differs_from_a1111(blend_runs):
     assert blend_runs["xt"].images[0].tobytes() != blend_runs["a1111"].images[0].tobytes()
 
 
-def test_differential_with_binary_mask_equals_a1111(blend_runs):
-    # §16.1 / §16.4: with a binary mask differential diffusion is ordinary inpainting, A1111's blend bit for bit.
-    assert blend_runs["differential"].images[0].tobytes() == blend_runs["a1111"].images[0].tobytes()
+def test_differential_keeps_the_grey_edge_cells_of_a_binary_pixel_mask(blend_runs):
+    # §16.4: the latent mask of a binary pixel mask is grey at its edges (bicubic downscale); differential uses those
+    # cells as strengths (as ComfyUI does) where a1111 rounds them, so it regenerates more cells, never fewer.
+    assert blend_runs["differential"].plans[0].mask_cells > blend_runs["a1111"].plans[0].mask_cells
+
+
+def test_differential_rule_equals_a1111_on_a_rounded_latent_mask(sd1_tiny, photo, blend_runs):
+    # Localises the failure above: the per-step rule and the final blend do reduce to A1111's when the latent mask
+    # they get is binary (the same strategy, told not to keep grey masks).
+    from sdcore.sampling.blends import DifferentialBlend
+
+    @dataclasses.dataclass(frozen=True)
+    class RoundedDifferential(DifferentialBlend):
+        keeps_grey_mask: bool = dataclasses.field(default=False, init=False, repr=False)
+
+    p = job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blur=0, inpaint_full_res=False,
+            inpainting_fill=1, steps=5, mask_blend=RoundedDifferential())
+    processed = process_images(p)
+    assert processed.plans[0].blend == "differential"
+    assert processed.images[0].tobytes() == blend_runs["a1111"].images[0].tobytes()
 
 
 def test_differential_with_whole_picture_mask_equals_a1111(sd1_tiny, photo):
@@ -449,6 +466,13 @@ def test_unknown_mask_blend_name_raises(sd1_tiny, photo, value):
     p = job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blend=value)
     with pytest.raises(ValueError, match=r"mask.blend|" + (repr(value) if value else "''")):
         process_images(p)
+
+
+@pytest.mark.parametrize("value", [42, None])
+def test_mask_blend_of_wrong_type_raises_naming_the_field(sd1_tiny, photo, value):
+    p = job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blend=value, steps=1)
+    with pytest.raises((ValueError, TypeError), match="mask_blend"):
+        p.validate()
 
 
 def test_mask_blend_object_is_used(sd1_tiny, photo, blend_runs):

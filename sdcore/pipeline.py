@@ -176,7 +176,7 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
             blend: MaskBlend = A1111Blend(), resize_mode: int = 0, masking: MaskOptions = MaskOptions(),
             options: SamplerOptions = SamplerOptions(), text: TextOptions = TextOptions(),
             image_cfg_scale: float | None = None, background_color: str = "#ffffff", color_correction: bool = False,
-            vae_sample: bool = True, init_seeds: Sequence[int] | None = None, refiner: Refiner | None = None,
+            vae_sample: bool = True, fill_seeds: Sequence[int] | None = None, refiner: Refiner | None = None,
             callback: Callable | None = None, model_callback: Callable | None = None,
             disable_progress: bool | None = None) -> Result:
     """img2img and inpainting of one batch (a1111-semantics §2, §6, §9). Returns `Result`.
@@ -184,8 +184,10 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
     `init_images`: PIL images (one, repeated to the batch, or one per image); `mask`: PIL, white = regenerate, or
     None; `prompts`/`negative_prompts`: one per image; `seeds`: the batch's seeds (B = len(seeds.seeds));
     `width`/`height`: processing size in pixels (multiples of 8); `denoising_strength` in [0, 1]: the share of the
-    schedule that runs; `init_seeds`: seeds of the VAE posterior sample and of the "latent noise" fill (A1111 makes
-    them once per job from the job's first seeds; default `seeds.seeds`). Raises ValueError / NotImplementedError
+    schedule that runs; `fill_seeds`: seeds of the "latent noise" fill (A1111 draws it once per job from the job's
+    first seeds; default `seeds.seeds`). The VAE posterior sample of image i draws from the stream of its own seed
+    (`seeds.seeds[i]`), so image i of a later batch equals the same seed run alone (sdcore deviates: A1111 samples
+    the posterior once per job from the unseeded global RNG). Raises ValueError / NotImplementedError
     for values the steps below refuse.
     """
     device, mask_round = model.device, masking.mask_round and not blend.keeps_grey_mask
@@ -195,14 +197,14 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
         invert=masking.inpainting_mask_invert, full_res=masking.inpaint_full_res,
         padding=masking.inpaint_full_res_padding, inpainting_fill=masking.inpainting_fill,
         latent_mask=masking.latent_mask, background_color=background_color, color_correction=color_correction)
-    init_seeds = list(init_seeds or seeds.seeds)
+    batch_seeds, fill_seeds = list(seeds.seeds), list(fill_seeds or seeds.seeds)
     source = (2.0 * torch.from_numpy(prep.pixels).permute(0, 3, 1, 2) - 1.0).to(device)  # [B,3,H,W] in [-1, 1]
-    init_latent = encode(model, source, init_seeds, sample=vae_sample, rng_source=seeds.source)
+    init_latent = encode(model, source, batch_seeds, sample=vae_sample, rng_source=seeds.source)
     if resize_mode == 3:
         init_latent = F.interpolate(init_latent, size=(height // 8, width // 8), mode="bilinear")
     keep, nmask = latent_masks(prep.latent_mask if prep.mask is not None else None, init_latent, mask_round)
-    init_latent = fill_latent(init_latent, keep, nmask, masking.inpainting_fill, init_seeds, seeds.source)
-    image_cond = image_conditioning(model, source, init_latent, prep.mask, init_seeds, mask_round=mask_round,
+    init_latent = fill_latent(init_latent, keep, nmask, masking.inpainting_fill, fill_seeds, seeds.source)
+    image_cond = image_conditioning(model, source, init_latent, prep.mask, batch_seeds, mask_round=mask_round,
                                     mask_weight=masking.inpainting_mask_weight, vae_sample=vae_sample,
                                     rng_source=seeds.source)
     conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(steps), text, width, height)

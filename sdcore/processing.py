@@ -449,7 +449,7 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             blend=blend, resize_mode=self.resize_mode, masking=self.masking(), options=options,
             text=self.text_options(), image_cfg_scale=job.image_cfg_scale,
             background_color=self.opts.img2img_background_color, color_correction=self.opts.img2img_color_correction,
-            vae_sample=self.opts.vae_encode_sample, init_seeds=job.seeds[:job.batch_size], refiner=job.refiner,
+            vae_sample=self.opts.vae_encode_sample, fill_seeds=job.seeds[:job.batch_size], refiner=job.refiner,
             callback=callback, model_callback=model_callback, disable_progress=disable_progress)
         params = self.init_params(result.plan)
         if result.nmask is not None:

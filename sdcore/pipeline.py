@@ -213,23 +213,14 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
     noise_rng = seeds.rng(init_latent.shape[1:], device)
     noise = noise_rng.next().float() * options.initial_noise_multiplier
     record = SamplingPass(sampler.name, None, steps, t_enc, None, None, None, width, height)
-    if sampler.kind == "timestep":
-        grid = get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
-        x, record.timesteps = img2img_start(init_latent, noise, grid, t_enc, model.alphas_cumprod.to(device),
-                                            options.extra_noise)
-        record.start_timestep = int(grid[t_enc])
-    else:
-        record.scheduler, record.sigmas = sigma_schedule(model, sampler, scheduler, steps, options)
-        record.sigma_sched = schedules.img2img_sigmas(record.sigmas.to(device), steps, t_enc)
-        x = init_latent + noise * record.sigma_sched[0]
-        if options.extra_noise > 0:
-            x = x + noise * options.extra_noise
+    x = noised_init(model, sampler, scheduler, init_latent, noise, options, record)
     schedule = inner_denoiser(model, sampler)
     ctx = None if nmask is None else BlendContext(init_latent, keep, nmask, noise, blend_sigmas(record, schedule),
                                                   schedule.sigma_to_t)
     samples = sample(model, sampler, x, record, conds, cfg_scale=cfg_scale, image_cond=image_cond, blend=blend,
                      ctx=ctx, noise_rng=noise_rng, seeds=seeds, options=options, image_cfg_scale=image_cfg_scale,
-                     refiner=refiner, refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
+                     refiner=refiner, refiner_conds=later_conds, callback=callback, model_callback=model_callback,
+                     disable_progress=disable_progress)
     if ctx is not None:
         samples = blend.final(samples, ctx)
     final_model = refiner.model if refiner is not None and record.refiner_switch_call is not None else model
@@ -318,17 +309,7 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
                                 hires_steps=sampler.total_steps(steps))
     steps, t_enc = schedules.setup_img2img_steps(steps, denoising_strength, fix_steps=True)
     record = SamplingPass(sampler.name, None, steps, t_enc, None, None, None, width, height)
-    if sampler.kind == "timestep":
-        grid = get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
-        x, record.timesteps = img2img_start(init_latent, noise, grid, t_enc, model.alphas_cumprod.to(device),
-                                            options.extra_noise)
-        record.start_timestep = int(grid[t_enc])
-    else:
-        record.scheduler, record.sigmas = sigma_schedule(model, sampler, scheduler, steps, options)
-        record.sigma_sched = schedules.img2img_sigmas(record.sigmas.to(device), steps, t_enc)
-        x = init_latent + noise * record.sigma_sched[0]
-        if options.extra_noise > 0:
-            x = x + noise * options.extra_noise
+    x = noised_init(model, sampler, scheduler, init_latent, noise, options, record)
     samples = sample(model, sampler, x, record, conds, cfg_scale=cfg_scale, image_cond=image_cond, blend=None,
                      ctx=None, noise_rng=noise_rng, seeds=seeds, options=options, refiner=refiner,
                      refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
@@ -470,6 +451,29 @@ def refiner_conds(refiner: Refiner | None, prompts: list[str], negative_prompts:
         return None
     return encode_conds(refiner.model, prompts, negative_prompts, sampler.total_steps(steps), text, width, height,
                         hires_steps=hires_steps)
+
+
+def noised_init(model: StableDiffusionModel, sampler: SamplerInfo, scheduler: str | None, init_latent: Tensor,
+                noise: Tensor, options: SamplerOptions, record: SamplingPass) -> Tensor:
+    """img2img's start: the init latent noised to the level where sampling begins, for the `record.steps`-step
+    schedule cut at `record.t_enc` (fills `record`'s schedule fields). `init_latent`, `noise` [B,C,h,w].
+
+    k-diffusion samplers (a1111-semantics §6.3): `sigma_sched = sigmas[steps - t_enc - 1:]` (t_enc + 2 values) and
+    `x = init_latent + noise * sigma_sched[0]`, plus `noise * extra_noise` (A1111's "Extra noise", unscaled).
+    DDIM/PLMS/UniPC (§6.4): `x = init_latent * sqrt(a) + noise * sqrt(1 - a)` with a = abar[grid[t_enc]], and the
+    grid cut to `grid[:t_enc]`.
+    """
+    device, steps, t_enc = init_latent.device, record.steps, record.t_enc
+    if sampler.kind == "timestep":
+        grid = get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
+        x, record.timesteps = img2img_start(init_latent, noise, grid, t_enc, model.alphas_cumprod.to(device),
+                                            options.extra_noise)
+        record.start_timestep = int(grid[t_enc])
+        return x
+    record.scheduler, record.sigmas = sigma_schedule(model, sampler, scheduler, steps, options)
+    record.sigma_sched = schedules.img2img_sigmas(record.sigmas.to(device), steps, t_enc)
+    x = init_latent + noise * record.sigma_sched[0]
+    return x + noise * options.extra_noise if options.extra_noise > 0 else x
 
 
 def inner_denoiser(model: StableDiffusionModel, sampler: SamplerInfo) -> CompVisDenoiser:

@@ -57,7 +57,8 @@ def main() -> int:
 
     # img2img at rising denoising strength: the photo gives way to what the prompt asks for. DPM++ 2M uses the
     # karras schedule, which starts low strengths at a lower sigma than the uniform one (20 steps at 0.2: t_enc 4,
-    # sigma_sched[0] = sigmas[15] = 0.184 karras vs 0.596 uniform, a1111-semantics §13), so the photo stays visible there.
+    # sigma_sched[0] = sigmas[15] = 0.184 karras vs 0.596 uniform, a1111-semantics §13), so the photo stays visible
+    # there.
     jobs = {f"img2img-{d:.2f}": dict(prompt="a yellow circle", sampler_name="DPM++ 2M", denoising_strength=d)
             for d in (0.2, 0.35, 0.5)}
     jobs["inpaint"] = dict(prompt="a red circle", sampler_name="Euler a", mask=mask_img, denoising_strength=0.9,

@@ -90,7 +90,8 @@ class Plan:
         return any(p.refiner_switch_call is not None for p in self.passes)
 
 
-# -- dry runs: the pipeline with stand-ins for the UNet and the VAE -----------------------------------------------------
+# -- dry runs: the pipeline with stand-ins for the UNet and the VAE
+# -----------------------------------------------------
 
 def stand_in_model(model: StableDiffusionModel) -> tuple[StableDiffusionModel, list[int]]:
     """A copy of `model` for dry runs, and the list its UNet appends to.

@@ -35,7 +35,8 @@ VERSION = infotext.VERSION
 class Options:
     """A1111 global settings that change img2img numbers, as explicit parameters with the reference defaults.
 
-    Names are the option names of `modules/shared_options.py` (a1111-semantics §1, "Relevant global options"). One deliberate
+    Names are the option names of `modules/shared_options.py` (a1111-semantics §1, "Relevant global options"). One
+    deliberate
     difference: `randn_source` defaults to "CPU" (A1111: "GPU"), so the same seed gives the same image on every
     device; "GPU" draws on the model's device, "NV" uses the Philox generator (a1111-semantics §8.3).
     """

@@ -67,7 +67,8 @@ def seed_lists(seed: int, subseed: int, subseed_strength: float, batch_size: int
     """`all_seeds`, `all_subseeds` for `batch_size * n_iter` images (a1111-semantics §8.1; `process_images_inner`).
 
     `all_seeds[k] = seed + k` when `subseed_strength == 0`, else every entry is `seed` (variations of one image);
-    `all_subseeds[k] = subseed + k`. Iteration n uses entries `[n*batch_size, (n+1)*batch_size)`. Example (a1111-semantics §13):
+    `all_subseeds[k] = subseed + k`. Iteration n uses entries `[n*batch_size, (n+1)*batch_size)`. Example
+    (a1111-semantics §13):
     seed 1000, batch 2, n_iter 2 -> 1000, 1001, 1002, 1003.
     """
     for name, value in (("batch_size", batch_size), ("n_iter", n_iter)):

@@ -7,7 +7,8 @@ package, with the installed package directory as its `__path__`, so the relative
 inside sampling.py resolves to the real file.
 
 `patched_randn_like(sampling, draw)` replaces the `torch` name inside the oracle module by a proxy whose
-`randn_like(x)` returns `draw(x)`, as A1111 does (`sd_samplers_common.Sampler.initialize`, a1111-semantics §6.5), so a test can
+`randn_like(x)` returns `draw(x)`, as A1111 does (`sd_samplers_common.Sampler.initialize`, a1111-semantics §6.5), so a
+test can
 feed the oracle the same noise sequence as an injected `noise_sampler`.
 
 Only tests and audit scripts import this module; the sdcore package never does.

@@ -213,7 +213,8 @@ def test_explain_steps_sigmas_and_calls(sd1_tiny, files, sampler, steps, strengt
 @pytest.mark.parametrize("name", [s.name for s in SAMPLERS])
 def test_explain_runs_every_sampler(sd1_tiny, files, name):
     """The dry run goes through every sampler's real code. k-diffusion samplers make one call per step of the
-    t_enc + 1 = 8 steps (10 steps at 0.75, a1111-semantics §6.2); second-order ones two, except into sigma 0 (a1111-semantics §10.1);
+    t_enc + 1 = 8 steps (10 steps at 0.75, a1111-semantics §6.2); second-order ones two, except into sigma 0
+    (a1111-semantics §10.1);
     DDIM skips the grid's first entry (a1111-semantics §6.4): t_enc - 1 calls. DPM adaptive's count depends on the model."""
     info = next(s for s in SAMPLERS if s.name == name)
     plan = plan_for(sd1_tiny, files / "init.png", "--sampler", name, "--steps", 10, "--seed", 1, *SMALL)
@@ -497,7 +498,8 @@ def test_txt2img_defaults_and_hires_flags(sd1_tiny):
 
 def test_txt2img_explain_both_passes(sd1_tiny):
     """First pass: the whole 4-step uniform schedule, Heun = 2 calls per step but 1 into sigma 0 -> 7. Hires pass:
-    3 steps at d 0.5 are an explicit step count (a1111-semantics §6.2): a schedule of int(3 / 0.5) = 6 steps, t_enc 2 -> 3 steps,
+    3 steps at d 0.5 are an explicit step count (a1111-semantics §6.2): a schedule of int(3 / 0.5) = 6 steps, t_enc 2
+    -> 3 steps,
     5 calls."""
     plan = txt2img_plan(sd1_tiny, "--sampler", "Heun", "--steps", 4, "--seed", 3, *SMALL, "--enable-hr",
                         "--hr-second-pass-steps", 3, "--denoising-strength", 0.5)

@@ -42,7 +42,8 @@ def fake_unet(x, t, c_crossattn=None, c_concat=None, y=None):
     return out
 
 
-# ---------------------------------------------------------------------------------------------- schedule (a1111-semantics §13)
+# ---------------------------------------------------------------------------------------------- schedule
+# (a1111-semantics §13)
 
 def test_alphas_cumprod_spec13(alphas):
     # a1111-semantics §13 "Model sigmas": abar[0]=0.99915, abar[999]=0.0046601, abar[751]=0.055719 (float32)
@@ -150,7 +151,8 @@ def test_compvis_denoiser_parity(external, alphas, prediction):
 
 
 def test_scalings_spec13(alphas):
-    # a1111-semantics §13 "Scalings": sigma=14.614642: c_in 0.068265, v c_skip 0.0046601, v c_out -0.997667; sigma=1: c_in 0.707107
+    # a1111-semantics §13 "Scalings": sigma=14.614642: c_in 0.068265, v c_skip 0.0046601, v c_out -0.997667; sigma=1:
+    # c_in 0.707107
     sigma = torch.tensor([14.614642, 1.0], dtype=torch.float64)
     c_skip, c_out, c_in = CompVisDenoiser(fake_unet, alphas, "eps").get_scalings(sigma)
     assert c_skip == 1.0 and torch.equal(c_out, -sigma)
@@ -277,7 +279,8 @@ def test_cfg_dict_cond_keys_concatenated():
 
 
 def test_cfg_ngms_skip_uncond():
-    # a1111-semantics §7 step 5: NGMS skips uncond on odd calls when sigma < s_min_uncond; CFG then uses scale 1 -> cond output
+    # a1111-semantics §7 step 5: NGMS skips uncond on odd calls when sigma < s_min_uncond; CFG then uses scale 1 ->
+    # cond output
     x, sigma, cond, uncond = _inputs()
     c = _expected_rows(x, sigma, cond["c_crossattn"])
     for step, sigma_value, s_min, skipped in [(1, 2.0, 3.0, True), (0, 2.0, 3.0, False), (1, 2.0, 1.5, False),

@@ -38,7 +38,8 @@ def test_mask_blur_kernel_size_rejects_bad_blur(blur):
 
 
 def test_step_edge_x_blur_matches_spec13():
-    # a1111-semantics §13: a 0|255 vertical step at column 32, x-blur 4, columns 24..40 (OpenCV 5.0 values; ±1 across versions).
+    # a1111-semantics §13: a 0|255 vertical step at column 32, x-blur 4, columns 24..40 (OpenCV 5.0 values; ±1 across
+    # versions).
     a = np.zeros((64, 64), np.uint8)
     a[:, 32:] = 255
     out = np.asarray(images.blur_mask(Image.fromarray(a, mode="L"), 4, 0))
@@ -48,7 +49,8 @@ def test_step_edge_x_blur_matches_spec13():
 
 
 def test_square_xy_blur_matches_spec13_and_grows_bbox():
-    # a1111-semantics §13: 16x16 square at 24..39 in 64x64, blurred x then y with 4: row 32, cols 16..32; bbox (14,14,50,50).
+    # a1111-semantics §13: 16x16 square at 24..39 in 64x64, blurred x then y with 4: row 32, cols 16..32; bbox
+    # (14,14,50,50).
     out = images.blur_mask(_square_mask(), 4, 4)
     expected = [7, 12, 20, 31, 46, 64, 86, 111, 135, 159, 181, 199, 214, 225, 233, 235, 235]
     np.testing.assert_array_equal(np.asarray(out)[32, 16:33], expected)

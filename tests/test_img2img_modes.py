@@ -37,7 +37,8 @@ def outside(box, shape=(SIZE, SIZE)):
 
 @pytest.mark.parametrize("fill, label", [(0, "fill"), (1, None), (2, "latent noise"), (3, "latent nothing")])
 def test_masked_content_modes_keep_outside_pixels(sd1_tiny, photo, fill, label):
-    # a1111-semantics §2 step 5.6 and 9: infotext "Masked content"; pixels outside an unblurred mask are restored exactly
+    # a1111-semantics §2 step 5.6 and 9: infotext "Masked content"; pixels outside an unblurred mask are restored
+    # exactly
     p = job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blur=0, inpainting_fill=fill,
             inpaint_full_res=False)
     processed = process_images(p)
@@ -50,8 +51,10 @@ def test_masked_content_modes_keep_outside_pixels(sd1_tiny, photo, fill, label):
 
 
 def test_latent_nothing_and_latent_noise_init_latents(sd1_tiny, photo):
-    # a1111-semantics §2 step 9: fill 3 zeroes the regenerated latent cells; fill 2 puts unit noise from the first batch's
-    # seeds there (create_random_tensors), leaving kept cells as encoded. Both encode the filled image (a1111-semantics §2
+    # a1111-semantics §2 step 9: fill 3 zeroes the regenerated latent cells; fill 2 puts unit noise from the first
+    # batch's
+    # seeds there (create_random_tensors), leaving kept cells as encoded. Both encode the filled image (a1111-semantics
+    # §2
     # step 5.6 applies masking.fill for every mode but 1), so their kept cells agree with each other.
     base = process_images(job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blur=0, inpainting_fill=1,
                               inpaint_full_res=False))
@@ -68,7 +71,8 @@ def test_latent_nothing_and_latent_noise_init_latents(sd1_tiny, photo):
 
 
 def test_fill_mode_replaces_masked_pixels_before_encoding(sd1_tiny, photo):
-    # a1111-semantics §4: the image given to the VAE has the masked area filled from blurred surroundings, kept pixels exact
+    # a1111-semantics §4: the image given to the VAE has the masked area filled from blurred surroundings, kept pixels
+    # exact
     filled = images.fill(photo, rect_mask(photo.size, BOX))
     src = np.asarray(photo)
     assert np.array_equal(np.asarray(filled)[outside(BOX)], src[outside(BOX)])
@@ -101,7 +105,8 @@ def test_alpha_mask_uses_the_alpha_channel(sd1_tiny, photo):
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
 def test_resize_modes(sd1_tiny, coffee, mode):
-    # a1111-semantics §3.1 geometry; mode 3 encodes at the source size and resizes the latent bilinearly (a1111-semantics §2 step 8)
+    # a1111-semantics §3.1 geometry; mode 3 encodes at the source size and resizes the latent bilinearly
+    # (a1111-semantics §2 step 8)
     p = job(sd1_tiny, coffee.resize((96, 64)), resize_mode=mode, width=64, height=64)
     processed = process_images(p)
     assert processed.images[0].size == (64, 64)
@@ -216,7 +221,8 @@ def test_seed_resize_from(sd1_tiny, photo):
 
 
 def test_eta_and_churn_options_follow_a1111(sd1_tiny, photo):
-    # a1111-semantics §6.5: "Eta" in the infotext when != 1 (k-diffusion); an option s_churn that differs from the default 0
+    # a1111-semantics §6.5: "Eta" in the infotext when != 1 (k-diffusion); an option s_churn that differs from the
+    # default 0
     # overrides p.s_churn and is written as "Sigma churn"; "Eta DDIM" when != 0.
     p = job(sd1_tiny, photo, sampler_name="Euler a", eta=0.5)
     assert "Eta: 0.5" in process_images(p).info

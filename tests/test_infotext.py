@@ -19,7 +19,8 @@ def test_version_is_ours():
 
 
 def test_spec13_img2img_example():
-    # img2img's init records "Denoising strength" as an extra parameter (a1111-semantics §9.3); it lands at its fixed place.
+    # img2img's init records "Denoising strength" as an extra parameter (a1111-semantics §9.3); it lands at its fixed
+    # place.
     text = create_infotext("a cat", "blurry", **BASE, extra={"Denoising strength": 0.75})
     assert text == ("a cat\nNegative prompt: blurry\n"
                     "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1234, Size: 512x512, "
@@ -27,7 +28,8 @@ def test_spec13_img2img_example():
 
 
 def test_spec13_inpainting_only_masked_example():
-    # Extras in A1111's insertion order (a1111-semantics §9.3); the sampler's "Schedule type" overrides the fixed slot's value.
+    # Extras in A1111's insertion order (a1111-semantics §9.3); the sampler's "Schedule type" overrides the fixed
+    # slot's value.
     extra = {"Denoising strength": 0.75, "Mask blur": 4, "Inpaint area": "Only masked", "Masked area padding": 32,
              "Masked content": "fill", "Schedule type": "Karras"}
     text = create_infotext("a cat", "", **{**BASE, "sampler": "DPM++ 2M"}, extra=extra)

@@ -123,7 +123,8 @@ def test_batch_seeds_and_images(sd1_tiny, photo):
     processed = process_images(job(sd1_tiny, photo, seed=1000, batch_size=2, n_iter=2))
     assert processed.seeds == [1000, 1001, 1002, 1003]
     assert len(processed.images) == 4
-    # image 1 of the batch has seed 1001 and equals the same seed run alone (per-image noise, a1111-semantics §8.2); batched
+    # image 1 of the batch has seed 1001 and equals the same seed run alone (per-image noise, a1111-semantics §8.2);
+    # batched
     # float32 kernels may round differently, so allow one grey level after the uint8 truncation.
     diff = np.abs(np.asarray(processed.images[1], np.int16) - np.asarray(single, np.int16))
     assert diff.max() <= 1
@@ -166,7 +167,8 @@ def test_every_sampler_runs_img2img_and_keeps_unmasked_latents(sd1_tiny, photo, 
 
 
 def test_prompt_editing_switches_conditioning_at_the_scheduled_call(sd1_tiny, photo, monkeypatch):
-    # a1111-semantics §11.3: "[cat:dog:0.5]" with 6 steps -> schedule [[3, "cat"], [6, "dog"]]; model call j (0-based) uses
+    # a1111-semantics §11.3: "[cat:dog:0.5]" with 6 steps -> schedule [[3, "cat"], [6, "dog"]]; model call j (0-based)
+    # uses
     # the first entry with j <= end_at_step: calls 0..3 "cat", calls 4..5 "dog". Euler at d=1 makes 6 calls.
     seen = []
     original = sd1_tiny.apply_model
@@ -202,7 +204,8 @@ def test_txt2img_is_deterministic_and_sized(sd1_tiny):
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_hires_fix_second_pass(sd1_tiny, upscaler):
-    # a1111-semantics §6.2: the hires pass passes explicit steps -> steps = int(4 / 0.5) = 8, t_enc = 3 -> 4 calls after the
+    # a1111-semantics §6.2: the hires pass passes explicit steps -> steps = int(4 / 0.5) = 8, t_enc = 3 -> 4 calls
+    # after the
     # 4 first-pass calls; the output is hr_scale times larger.
     seen = []
     p = txt2img(sd1_tiny, enable_hr=True, hr_scale=2.0, hr_upscaler=upscaler, hr_second_pass_steps=4,
@@ -220,7 +223,8 @@ def test_txt2img_with_inpainting_model_and_timestep_sampler(inpaint_tiny):
 
 
 def test_outpainting_with_resize_mode_2_and_mask(sd1_tiny, astronaut):
-    # a1111-semantics §3.1 mode 2: a 64x32 image into 64x64 -> 16-px bands top and bottom, filled by stretching the edge rows;
+    # a1111-semantics §3.1 mode 2: a 64x32 image into 64x64 -> 16-px bands top and bottom, filled by stretching the
+    # edge rows;
     # a mask whose top and bottom rows are white becomes white bands, so exactly the bands are regenerated.
     from sdcore import images
 

@@ -67,7 +67,8 @@ def test_slerp_vectors_spec13():
 
 
 def test_slerp_nearly_parallel_uses_swapped_linear_weights():
-    # mean(dot) > 0.9995 -> low*val + high*(1-val) (A1111 quirk, a1111-semantics §8.2), not the slerp's low*(1-val) + high*val.
+    # mean(dot) > 0.9995 -> low*val + high*(1-val) (A1111 quirk, a1111-semantics §8.2), not the slerp's low*(1-val) +
+    # high*val.
     low = torch.tensor([[[1.0], [0.0]]])
     high = torch.tensor([[[1.0], [0.01]]])
     out = rng.slerp(0.3, low, high)

@@ -2,10 +2,12 @@
 
 Every sampler runs on an exact denoiser (a Gaussian mixture, tests/oracles.py `GaussianMixture`, float64), once in
 k-diffusion and once here, with the same injected noise: the oracle's `torch.randn_like` is patched (as A1111 does,
-a1111-semantics §6.5) and both get the same `noise_sampler`. The number of noise draws must match too, so per-image noise
+a1111-semantics §6.5) and both get the same `noise_sampler`. The number of noise draws must match too, so per-image
+noise
 streams line up with A1111. Tolerance: max abs difference <= 1e-6 (float64; measured values are ~1e-14).
 Schedules: txt2img (full Karras / exponential sigmas, a1111-semantics §10.2) and an img2img tail slice
-`sigmas[steps - t_enc - 1:]` (a1111-semantics §6.3). Restart and LCM are A1111 functions with no k-diffusion 0.1.1 oracle:
+`sigmas[steps - t_enc - 1:]` (a1111-semantics §6.3). Restart and LCM are A1111 functions with no k-diffusion 0.1.1
+oracle:
 Restart is checked against a chain of k-diffusion Heun steps over the hand-derived restart schedule, LCM against
 its one-line update rule.
 """

@@ -124,7 +124,8 @@ def test_beta_spec13(model):
 
 
 def test_img2img_first_sigmas_spec13(model):
-    # a1111-semantics §13: img2img 20 steps, d=0.75 -> t_enc 15; first sigma Euler (uniform) 4.8557, DPM++ 2M (karras) 5.7894,
+    # a1111-semantics §13: img2img 20 steps, d=0.75 -> t_enc 15; first sigma Euler (uniform) 4.8557, DPM++ 2M (karras)
+    # 5.7894,
     # DPM++ 2M SDE (exponential) 3.9481; 17 sigmas = 16 model steps
     steps, t_enc = setup_img2img_steps(20, 0.75)
     for name, first in [("uniform", 4.8557), ("karras", 5.7894), ("exponential", 3.9481)]:
@@ -166,7 +167,8 @@ def test_setup_img2img_steps_table_spec13(model, p_steps, d, steps, t_enc, start
 
 
 def test_strength_capped_at_0_999_spec62():
-    # a1111-semantics §6.2: A1111 uses min(denoising_strength, 0.999). At 1000 steps and strength 1: t_enc = int(0.999 * 1000)
+    # a1111-semantics §6.2: A1111 uses min(denoising_strength, 0.999). At 1000 steps and strength 1: t_enc = int(0.999
+    # * 1000)
     # = 999 (a cap of 0.99 would give 990); with fix_steps the schedule has int(1000 / 0.999) = int(1001.001) = 1001
     # steps (0.99 would give 1010).
     assert setup_img2img_steps(1000, 1.0) == (1000, 999)

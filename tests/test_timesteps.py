@@ -125,7 +125,8 @@ class TextEps:
 
 
 def test_ddim_cfgpp_one_step_by_hand():
-    # CFG++ (a1111-semantics §7 step 8, 6.4): guided eps with cond_scale / 12.5 in pred_x0, the uncond eps in the direction term
+    # CFG++ (a1111-semantics §7 step 8, 6.4): guided eps with cond_scale / 12.5 in pred_x0, the uncond eps in the
+    # direction term
     ac = sd_alphas_cumprod().double()
     ts = torch.tensor([1, 51])
     x = _latent().double()

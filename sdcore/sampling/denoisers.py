@@ -359,7 +359,8 @@ class CFGDenoiser:
 
         repeats = torch.tensor([len(parts) for parts in conds_list], device=x.device)
         skip = self.skips_uncond(sigma, step, s_min_uncond)
-        # Row layout (a1111-semantics §7 step 4): cond rows (x[i] once per AND part), then B uncond rows; edit: + B rows with
+        # Row layout (a1111-semantics §7 step 4): cond rows (x[i] once per AND part), then B uncond rows; edit: + B
+        # rows with
         # a zero image.
         groups = [(x.repeat_interleave(repeats, 0), sigma.repeat_interleave(repeats, 0),
                    None if image_cond is None else image_cond.repeat_interleave(repeats, 0))]

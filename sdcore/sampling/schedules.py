@@ -6,7 +6,8 @@ sigmas[-1]. Each function is computed the way the reference computes it (same dt
 values match it bit for bit where the reference is torch.
 
 Sources (facts, re-implemented): A1111 `modules/sd_schedulers.py` and `sd_samplers_kdiffusion.py::get_sigmas`,
-`sd_samplers_common.py::setup_img2img_steps` (a1111-semantics §6.2, 6.3, 10.2); k-diffusion `sampling.py::get_sigmas_karras`,
+`sd_samplers_common.py::setup_img2img_steps` (a1111-semantics §6.2, 6.3, 10.2); k-diffusion
+`sampling.py::get_sigmas_karras`,
 `get_sigmas_exponential`, `get_sigmas_polyexponential`; papers named in each docstring.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import Tensor
 
 from .denoisers import DiscreteSchedule
 
-# Align Your Steps (Sabour et al. 2024) 10-step tables, from NVIDIA's "how to" page, as used by A1111 (a1111-semantics §10.2).
+# Align Your Steps (Sabour et al. 2024) 10-step tables, from NVIDIA's "how to" page, as used by A1111 (a1111-semantics
+# §10.2).
 AYS_SD1 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
 AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
 
@@ -45,7 +47,8 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
     """Karras et al. 2022 ("Elucidating the design space", eq. 5): [n + 1] float32, last 0.
 
     `sigma_i = (sigma_max^(1/rho) + i/(n-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`, i = 0..n-1.
-    Source: k-diffusion `get_sigmas_karras`. 20 steps SD1: 14.6146, 11.7254, 9.3402, ... 0.0292, 0 (a1111-semantics §13).
+    Source: k-diffusion `get_sigmas_karras`. 20 steps SD1: 14.6146, 11.7254, 9.3402, ... 0.0292, 0 (a1111-semantics
+    §13).
     """
     _check_n(n)
     _check_range(sigma_min, sigma_max)
@@ -199,7 +202,8 @@ class Scheduler:
     default_rho: float | None = None
 
 
-# A1111 `sd_schedulers.schedulers` order (a1111-semantics §10.2); "Karras Exponential" of later A1111 versions is not included.
+# A1111 `sd_schedulers.schedulers` order (a1111-semantics §10.2); "Karras Exponential" of later A1111 versions is not
+# included.
 SCHEDULERS: tuple[Scheduler, ...] = (
     Scheduler("automatic", "Automatic", None),
     Scheduler("uniform", "Uniform", uniform),
@@ -311,7 +315,8 @@ def img2img_sigmas(sigmas: Tensor, steps: int, t_enc: int) -> Tensor:
     sampler steps); `t_enc` from `setup_img2img_steps`, 0 <= t_enc <= steps - 1. The first value is the noise level
     added to the init latent (`xi = init_latent + noise * sigmas[0]`). The slice is taken from the front even when a
     schedule's length is not steps + 1 ("ddim" when steps does not divide 1000), as the reference does. Source: A1111
-    `KDiffusionSampler.sample_img2img` (a1111-semantics §6.3). Example: 20-step uniform schedule, t_enc 15 -> starts at 4.8557.
+    `KDiffusionSampler.sample_img2img` (a1111-semantics §6.3). Example: 20-step uniform schedule, t_enc 15 -> starts at
+    4.8557.
     Raises ValueError if t_enc is out of range or fewer than 2 sigmas would remain.
     """
     if sigmas.ndim != 1:

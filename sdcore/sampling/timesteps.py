@@ -139,7 +139,8 @@ def _ddim_loop(model: Callable[..., Any], x: Tensor, timesteps: Tensor, alphas_c
     alphas, alphas_prev = _step_alphas(timesteps, alphas_cumprod)
     s_in = x.new_ones([x.shape[0]])
     n = len(timesteps)
-    # Reference quirk (a1111-semantics §6.4): grid indices n-1 ... 1 only; the last step lands on abar[timesteps[0]], not x0.
+    # Reference quirk (a1111-semantics §6.4): grid indices n-1 ... 1 only; the last step lands on abar[timesteps[0]],
+    # not x0.
     for i, index in enumerate(range(n - 1, 0, -1)):
         out = model(x, float(timesteps[index]) * s_in, **extra_args)
         e_t, e_dir = out if cfgpp else (out, out)

@@ -1,9 +1,17 @@
 """Open an original Stable Diffusion checkpoint, tell what it is, and build its modules from it.
 
-Files: `.safetensors` (memory-mapped through `safetensors.safe_open`) or `.ckpt`/`.pt`/`.pth` (pickles opened with
-`torch.load(weights_only=True)`, which refuses any global outside torch's tensor allow-list: nothing in the file is
-executed). Modules are built on the meta device and loaded with `load_state_dict(strict=True, assign=True)`, so no
-random initialisation runs and no second copy of the weights is made.
+Files: `.safetensors` (memory-mapped through `safetensors.safe_open`) or `.ckpt`/`.pt`/`.pth`/`.bin` (pickles opened
+with `torch.load(weights_only=True)`, torch's restricted unpickler: only tensors, storages and plain containers are
+built and any other global is refused by name, so nothing in the file is executed; the same policy as A1111's
+`modules/safe.py` `RestrictedUnpickler`). Zip pickles (torch >= 1.6) are memory-mapped; legacy non-zip pickles
+(`torch.save(..., _use_new_zipfile_serialization=False)`, common among old SD1 files) cannot be, and are read with
+the same restricted unpickler without mmap. Modules are built on the meta device and loaded with
+`load_state_dict(strict=True, assign=True)`, so no random initialisation runs and no second copy of the weights is
+made. `load_checkpoint(path, device="meta")` reads only the file's header (names, shapes, dtypes): what `sdcore info`
+needs, in constant memory.
+
+Errors: every problem with a file is a CheckpointError (a ValueError) whose one-line message names the file (and the
+command-line argument it came from, `--ckpt` or `--vae`), what was found and what is allowed.
 
 Key prefixes (LDM layout): `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE),
 `cond_stage_model.transformer.text_model.*` (SD1, transformers layout), `cond_stage_model.model.*` (SD2, open_clip
@@ -19,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,7 @@ from safetensors import safe_open
 
 from . import families
 from .families import Family, TextConfig, UNetConfig, VAEConfig
+from .files import CHECKPOINT_SUFFIXES, checkpoint_path_problem
 from .models.text import TextEncoder, hf_to_open_clip, load_tokenizer
 from .models.unet import UNetModel
 from .models.vae import AutoencoderKL
@@ -97,7 +107,10 @@ class StableDiffusionModel:
     `dtype` is the compute dtype of the UNet and text encoders; the VAE runs in `vae_dtype` (float32 by default,
     since fp16 VAE decodes overflow to NaN on SD1/SDXL weights). `text_encoders` are in `family.text` order
     (SDXL base: CLIP-L, then bigG). `file_dtypes`: number of floating tensors of each dtype in the checkpoint file
-    (e.g. {"float16": 1131}). `vae_path`: a separate VAE file, when one was given.
+    (e.g. {"float16": 1131}); `component_file_dtypes`: the same per entry of `components()` (the VAE's from the
+    separate VAE file when one was given). `vae_path`: a separate VAE file, when one was given. On the meta device
+    (`load_checkpoint(path, device="meta")`) the modules hold shapes only and `alphas_cumprod` is a meta tensor
+    unless the file has none.
     """
 
     family: Family
@@ -113,6 +126,7 @@ class StableDiffusionModel:
     reasons: list[str] = field(default_factory=list)
     vae_path: Path | None = None
     file_dtypes: dict[str, int] = field(default_factory=dict)
+    component_file_dtypes: dict[str, dict[str, int]] = field(default_factory=dict)
     _sha256: dict[Path, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -196,39 +210,146 @@ class StableDiffusionModel:
 # Reading files
 
 
-def open_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header; torch.serialization._is_zipfile checks the same bytes
+# What a valid file is, for error messages (safetensors format spec, github.com/huggingface/safetensors README).
+SAFETENSORS_FORMAT = ("allowed: the safetensors layout: an 8-byte little-endian header length N (at most 100 MB), "
+                      "N bytes of JSON header giving each tensor's dtype, shape and byte range, then all those bytes")
+PICKLE_FORMAT = "allowed: a torch.save pickle (zip, or legacy non-zip) of tensors, storages and plain containers"
+# safetensors header dtype -> torch dtype (safetensors format spec `Dtype`); others are refused by name.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
+    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    if hasattr(torch, attr)}
+
+
+class LightningCallbackStandIn:
+    """Inert stand-in for `pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`.
+
+    LDM-trained `.ckpt` files (SD1-era) keep PyTorch Lightning's trainer state beside `state_dict`, with the callback
+    class as the key of their "callbacks" entry; torch's weights-only unpickler refuses that global, and A1111's
+    `modules/safe.py` allows it by name. Here the name resolves to this empty class instead: Lightning is never
+    imported and nothing runs (the trainer state is not read)."""
+
+    def __init__(self, *args, **kwargs):  # whatever the pickle passes is ignored
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Globals allowed by name on top of torch's weights-only allow-list, each resolved to an inert stand-in.
+PICKLE_STAND_INS: tuple[tuple[type, str], ...] = (
+    (LightningCallbackStandIn, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+)
+
+
+def _check_path(path: Path, what: str) -> None:
+    """Raise CheckpointError unless `path` is an existing file (`files.checkpoint_path_problem` says what it is)."""
+    problem = checkpoint_path_problem(path)
+    if problem:
+        raise CheckpointError(f"{what}: {problem}")
+
+
+def _read_safetensors(path: Path, what: str, meta: bool, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file (only the header when `meta`). safetensors validates the header before any
+    tensor is read: its length field (at most 100 MB), its JSON, and that the byte ranges exactly cover the rest of
+    the file; a file failing any check raises CheckpointError."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = [k for k in f.keys() if k.startswith(prefix)]
+            if not meta:
+                return {k: f.get_tensor(k) for k in keys}
+            sd = {}
+            for k in keys:
+                piece = f.get_slice(k)
+                dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{what}: {path}: tensor {k!r} has dtype {piece.get_dtype()}; allowed: "
+                                          f"{', '.join(SAFETENSORS_DTYPES)}")
+                sd[k] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+            return sd
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
+        raise CheckpointError(f"{what}: {path} is not a readable .safetensors file ({' '.join(str(e).split())}); "
+                              f"{SAFETENSORS_FORMAT}") from e
+
+
+def _refused_global(error: Exception) -> str | None:
+    """The global named by torch's weights-only unpickler when it refused one ("posix.system"), else None."""
+    m = re.search(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(error))
+    return m.group(1) if m else None
+
+
+def _one_line(error: Exception) -> str:
+    """The informative line of an exception (torch's weights-only errors wrap it in a paragraph of advice)."""
+    text = str(error)
+    m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    line = m.group(1) if m else next((ln for ln in text.splitlines() if ln.strip()), type(error).__name__)
+    return " ".join(line.split())
+
+
+def _read_pickle(path: Path, what: str, meta: bool, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors of a torch pickle through torch's weights-only unpickler (plus PICKLE_STAND_INS): memory-mapped for a
+    zip file, read whole for a legacy non-zip pickle (torch cannot mmap those). Un-nested from "state_dict" when
+    there is one; entries that are not tensors are left out. A refused global raises CheckpointError naming it.
+    (`torch.serialization.safe_globals` adds the stand-ins to torch's allow-list for the duration of the call.)"""
+    with open(path, "rb") as f:
+        is_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    try:
+        with torch.serialization.safe_globals(list(PICKLE_STAND_INS)), warnings.catch_warnings():
+            # plain pickle.dump files (protocol > 2) make torch warn before it refuses or reads them
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        name = _refused_global(e)
+        if name:
+            raise CheckpointError(
+                f"{what}: {path} refused: its pickle needs global '{name}', which is not allowed (allowed: tensors, "
+                "storages and plain containers; sdcore never executes code from a checkpoint)") from e
+        raise CheckpointError(f"{what}: {path} is not a readable torch checkpoint ({_one_line(e)}); "
+                              f"{PICKLE_FORMAT}") from e
+    except Exception as e:
+        raise CheckpointError(f"{what}: {path} is not a readable torch checkpoint ({_one_line(e)}); "
+                              f"{PICKLE_FORMAT}") from e
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{what}: {path} holds a {type(obj).__name__}, not a state dict; {PICKLE_FORMAT}")
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    if meta:
+        sd = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
+    return sd
+
+
+def open_state_dict(path: str | Path, *, what: str = "--ckpt", meta: bool = False,
+                    prefix: str = "") -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, un-nested from a `state_dict` entry when there is one.
 
-    Raises CheckpointError for a missing or unreadable file, an unknown extension, or a pickle that needs a global
-    outside torch's weights-only allow-list (such a file is refused, never executed).
+    Args:
+      path: a `.safetensors` file, or a `.ckpt`/`.pt`/`.pth`/`.bin` torch pickle (zip or legacy non-zip).
+      what: the argument the path came from, first word of every error message ("--ckpt", "--vae").
+      meta: read only names, shapes and dtypes: the tensors come back on the meta device and no tensor data is
+        read (.safetensors: the header through `safe_open(...).get_slice(k)`; zip pickles: memory-mapped, never
+        touched; legacy pickles are read whole, then dropped).
+      prefix: only the tensors whose names start with it (names are kept whole).
+    Raises CheckpointError, one line naming `what`, the path and what is allowed, for: a folder (a diffusers folder
+    is named as such), a missing file, an unknown extension, a safetensors file that is truncated or whose header is
+    not valid JSON or claims more than 100 MB, a pickle that needs a global outside tensors, storages and plain
+    containers (refused by name, never executed; cf. A1111 `modules/safe.py`), an unreadable pickle, or no tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint: no such file: {path}")
+    _check_path(path, what)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
-            raise CheckpointError(f"checkpoint: {path} is not a readable .safetensors file ({e})") from e
-    elif suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"checkpoint: {path} refused: its pickle needs globals outside torch's weights-only allow-list, "
-                f"and sdcore never executes code from a checkpoint ({str(e).splitlines()[0]})") from e
-        except Exception as e:
-            raise CheckpointError(f"checkpoint: {path} is not a readable torch checkpoint ({e})") from e
-        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"checkpoint: {path} holds a {type(obj).__name__}, not a state dict")
-        sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        sd = _read_safetensors(path, what, meta, prefix)
+    elif suffix in PICKLE_SUFFIXES:
+        sd = _read_pickle(path, what, meta, prefix)
     else:
-        raise CheckpointError(f"checkpoint: {path} has extension {suffix!r}; allowed: .safetensors, .ckpt, .pt, .pth")
+        raise CheckpointError(f"{what}: {path} has extension {suffix!r}; allowed: {', '.join(CHECKPOINT_SUFFIXES)}")
     if not sd:
-        raise CheckpointError(f"checkpoint: {path} contains no tensors")
+        raise CheckpointError(f"{what}: {path} contains no tensors" + (f" under '{prefix}'" if prefix else ""))
     return sd
 
 
@@ -403,6 +524,17 @@ def _check_text_against_unet(fam: Family) -> list[str]:
     return why
 
 
+def _read_config(what: str, read, *args):
+    """`read(*args)`; a key the reader needs that the file lacks, or a block layout it cannot follow, becomes a
+    CheckpointError naming the component and the key."""
+    try:
+        return read(*args)
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint: {what} incomplete: key {e.args[0]!r} is missing") from e
+    except (IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"checkpoint: {what} keys do not follow the LDM layout ({e})") from e
+
+
 def detect_family(shapes: dict[str, tuple]) -> Detection:
     """Tell the model family from a state dict's key names and shapes (a pure function; tensors are not read).
 
@@ -418,7 +550,10 @@ def detect_family(shapes: dict[str, tuple]) -> Detection:
     SD2 with 4 channels comes back as "sd2" (eps) with `probe_prediction=True`: v-prediction is not in the names or
     shapes (`resolve_prediction` decides). The UNet's context width must equal the text encoders' total width and
     SDXL's label_emb input the width of its vector conditioning.
-    Raises CheckpointError naming what was looked for when no rule matches.
+    A file without a (complete) VAE is still detected (the reasons say so, the family's VAE geometry is kept):
+    a separate VAE file can supply it; `missing_vae_parts` lists what is absent.
+    Raises CheckpointError naming what was looked for when no rule matches, or the key missing when the UNet or a
+    text encoder is incomplete.
     """
     if UNET + "input_blocks.0.0.weight" not in shapes:
         raise CheckpointError(f"checkpoint: no UNet: looked for '{UNET}input_blocks.0.0.weight' (LDM layout); "
@@ -436,21 +571,28 @@ def detect_family(shapes: dict[str, tuple]) -> Detection:
                               f"layout: {known}")
     base, channels_why = FAMILY_BY_CHANNELS[name, cin]
     reasons.append(f"UNet input_blocks.0.0 takes {channels_why}")
-    unet, unet_why = read_unet_config(shapes, base.unet)
+    unet, unet_why = _read_config("UNet", read_unet_config, shapes, base.unet)
     tiny = families.TINY
     if (name, cin) == ("sd1", 4) and (unet.model_channels, unet.context_dim) == (tiny.unet.model_channels,
                                                                                tiny.unet.context_dim):
         base = tiny
-        unet, unet_why = read_unet_config(shapes, tiny.unet)
+        unet, unet_why = _read_config("UNet", read_unet_config, shapes, tiny.unet)
         reasons.append(f"model_channels {unet.model_channels} and context width {unet.context_dim} are the bundled "
                        "tiny model's -> family 'tiny' (64 px)")
     elif unet.model_channels != base.unet.model_channels:
         reasons.append(f"model_channels {unet.model_channels} != {base.unet.model_channels}: a reduced-size "
                        f"{base.name} (test checkpoint)")
-    fam = replace(base, unet=unet, vae=read_vae_config(shapes, base.vae), text=_text_configs(shapes, base))
+    try:
+        vae = read_vae_config(shapes, base.vae)
+        vae_why = (f"VAE: ch {vae.ch}, ch_mult {vae.ch_mult}, {vae.z_channels} latent channels, "
+                   f"scale_factor {vae.scale_factor}")
+    except (KeyError, IndexError) as e:  # no (complete) VAE in the file: a separate VAE file can supply it
+        vae = base.vae
+        vae_why = (f"VAE: not complete in the file ({VAE}* key {e.args[0]!r} missing): the {base.name} geometry is "
+                   "assumed; a separate VAE file is needed")
+    fam = replace(base, unet=unet, vae=vae, text=_read_config("text encoder", _text_configs, shapes, base))
     reasons += unet_why
-    reasons.append(f"VAE: ch {fam.vae.ch}, ch_mult {fam.vae.ch_mult}, {fam.vae.z_channels} latent channels, "
-                   f"scale_factor {fam.vae.scale_factor}")
+    reasons.append(vae_why)
     reasons += _check_text_against_unet(fam)
     probe = (name, cin) == ("sd2", 4)
     reasons.append("prediction: eps or v is not in the names and shapes (SD2): decided by resolve_prediction"
@@ -567,17 +709,37 @@ def build_module(cls, config, sd: dict[str, torch.Tensor], what: str, device, dt
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_vae_file(path: str | Path, base: VAEConfig) -> tuple[dict[str, torch.Tensor], VAEConfig, list[str]]:
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def missing_vae_parts(shapes: dict[str, tuple], config: VAEConfig, prefix: str = VAE) -> list[str]:
+    """The parts of an `AutoencoderKL` (VAE_PARTS) of which `shapes` has no key at all, each as
+    "first_stage_model.encoder.*: missing (N keys)" with N the number of tensors the part has in `config`'s
+    geometry. Empty when every part is there (a part with only some keys is reported by the strict load)."""
+    with torch.device("meta"):
+        expected = AutoencoderKL(config).state_dict()
+    out = []
+    for part in VAE_PARTS:
+        n = sum(k.startswith(part) for k in expected)
+        if n and not any(k.startswith(prefix + part) for k in shapes):
+            out.append(f"{prefix}{part}*: missing ({n} keys)")
+    return out
+
+
+def load_vae_file(path: str | Path, base: VAEConfig, *, meta: bool = False
+                  ) -> tuple[dict[str, torch.Tensor], VAEConfig, list[str]]:
     """A separate VAE file (A1111 "SD VAE"): (state dict with bare `AutoencoderKL` keys, its config, reasons).
 
     Keys may be bare (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`, as vae-ft-mse-840000 and
     sdxl_vae ship) or under `first_stage_model.` (a VAE cut from a full checkpoint; other tensors are then not
     used, and the reasons say how many). Training extras are dropped by VAE_FILE_DROPPED_KEY_RULES. The geometry is
-    read off the shapes, `scale_factor` comes from `base` (the checkpoint's family). Raises CheckpointError for an
-    unreadable file or one without VAE keys; key mismatches are reported when the module is built.
+    read off the shapes, `scale_factor` comes from `base` (the checkpoint's family). `meta`: read only the header
+    (meta tensors, see `open_state_dict`). Raises CheckpointError (naming `--vae` and the file) for an unreadable
+    file, one without VAE keys or one missing a whole part (encoder, decoder, ...); other key mismatches are
+    reported when the module is built.
     """
     path = Path(path)
-    raw, dropped = drop_known_extras(open_state_dict(path), VAE_FILE_DROPPED_KEY_RULES)
+    raw, dropped = drop_known_extras(open_state_dict(path, what="--vae", meta=meta), VAE_FILE_DROPPED_KEY_RULES)
     reasons = [f"VAE from the separate file {path.name}"]
     if any(k.startswith(VAE) for k in raw):
         sd = sub_state_dict(raw, VAE)
@@ -587,10 +749,14 @@ def load_vae_file(path: str | Path, base: VAEConfig) -> tuple[dict[str, torch.Te
         sd = raw
     reasons += [f"  dropped {n} tensors: {why}" for why, n in dropped.items()]
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    if "encoder.conv_in.weight" not in shapes:
-        raise CheckpointError(f"VAE file {path}: no LDM AutoencoderKL keys: looked for 'encoder.conv_in.weight' or "
+    if not any(k.startswith(("encoder.", "decoder.")) for k in shapes):
+        raise CheckpointError(f"--vae: {path}: no LDM AutoencoderKL keys: looked for 'encoder.conv_in.weight' or "
                               f"'{VAE}encoder.conv_in.weight'; first keys: {sorted(raw)[:5]}")
-    return sd, read_vae_config(shapes, base, prefix=""), reasons
+    missing = missing_vae_parts(shapes, base, prefix="")
+    if missing:
+        raise CheckpointError(f"--vae: {path}: " + "; ".join(missing) + "; allowed: a complete LDM AutoencoderKL "
+                              f"({', '.join(p + '*' for p in VAE_PARTS)})")
+    return sd, _read_config(f"VAE file {path}", read_vae_config, shapes, base, ""), reasons
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -600,30 +766,37 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 
     Args:
       path: `.safetensors` or `.ckpt` file in the original key layout (any family of `detect_family`).
-      device: where the modules live ("cpu", "cuda", "mps", ...).
+      device: where the modules live ("cpu", "cuda", "mps", ...). "meta" reads only the file's header (names,
+        shapes, dtypes; no tensor data, memory independent of the file's size) and checks it as a real load does:
+        what `sdcore info` uses. Exception: an SD2 file with 4 input channels and neither `prediction` nor a yaml
+        beside it reads its UNet (only) to run the v-prediction probe on the CPU in float32.
       dtype: compute dtype of the UNet and text encoders (independent of the file's dtype: fp16/bf16/fp32 files
         load into any of them).
       vae_dtype: compute dtype of the VAE (float32 by default).
       vae: a separate VAE file replacing the checkpoint's (`load_vae_file`); recorded as `vae_path`.
       prediction: "eps" or "v" to override detection; None = a `NAME.yaml` beside the checkpoint, else the SD2
         probe, else the family's (`resolve_prediction`).
-    Raises CheckpointError for unreadable, hostile, unrecognised or mismatching files (keys listed), ValueError for
-    a bad `prediction`.
+    Raises CheckpointError (one line, naming `--ckpt`/`--vae` and the file) for unreadable, hostile (refused by
+    name, never executed), unrecognised or mismatching files (keys listed), a folder (a diffusers folder is named as
+    such), and a checkpoint without a VAE when `vae` is not given ("first_stage_model.encoder.*: missing (N keys)");
+    ValueError for a bad `prediction`.
     """
 
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction={prediction!r}; allowed: {PREDICTIONS} (or None to detect it)")
     path = Path(path)
     device = torch.device(device)
-    raw = open_state_dict(path)
+    meta = device.type == "meta"
+    raw = open_state_dict(path, what="--ckpt", meta=meta)
     sd, dropped = drop_known_extras(raw)
-    detection = detect_family({k: tuple(v.shape) for k, v in sd.items()})
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    detection = detect_family(shapes)
     fam = detection.family
     reasons = detection.reasons + [f"dropped {n} tensors: {why}" for why, n in dropped.items()]
 
     alphas = raw.get("alphas_cumprod")
     if alphas is not None and alphas.shape != (1000,):
-        raise CheckpointError(f"checkpoint {path}: alphas_cumprod has shape {tuple(alphas.shape)}; expected (1000,)")
+        raise CheckpointError(f"--ckpt: {path}: alphas_cumprod has shape {tuple(alphas.shape)}; expected (1000,)")
     if alphas is None:
         alphas = sd_alphas_cumprod()
         reasons.append("no alphas_cumprod in the file: SD scaled-linear schedule (0.00085..0.012, 1000 steps)")
@@ -632,27 +805,43 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     known = (UNET, VAE) + fam.text_prefixes
     stray = sorted(k for k in sd if not k.startswith(known))
     if stray:
-        raise CheckpointError(f"checkpoint {path}: unexpected tensors outside {known}: {stray[:8]}"
+        raise CheckpointError(f"--ckpt: {path}: unexpected tensors outside {known}: {stray[:8]}"
                               + (f" ... ({len(stray)} in all)" if len(stray) > 8 else ""))
-    unet = build_module(UNetModel, fam.unet, sub_state_dict(sd, UNET), "UNet", device, dtype, path)
-    fam, why = resolve_prediction(detection, prediction, path.with_suffix(".yaml"), unet)
-    reasons += why
+    # The VAE is checked before the UNet is built, so a file without one fails at once.
     if vae is None:
-        vae_sd, vae_path = sub_state_dict(sd, VAE), None
+        missing = missing_vae_parts(shapes, fam.vae)
+        if missing:
+            raise CheckpointError(f"--ckpt: {path}: " + "; ".join(missing) + "; a separate VAE can be given with "
+                                  "--vae (vae= in load_checkpoint)")
+        vae_sd, vae_path, vae_config, vae_why = sub_state_dict(sd, VAE), None, None, []
     else:
         vae_path = Path(vae)
-        vae_sd, vae_config, why = load_vae_file(vae_path, fam.vae)
+        vae_sd, vae_config, vae_why = load_vae_file(vae_path, fam.vae, meta=meta)
+    unet = build_module(UNetModel, fam.unet, sub_state_dict(sd, UNET), "UNet", device, dtype, path)
+    yaml_path = path.with_suffix(".yaml")
+    probe_unet = unet
+    if meta and detection.probe_prediction and prediction is None and not yaml_path.is_file():
+        # The probe runs the UNet: read its weights (only those), in float32 on the CPU as A1111 does.
+        probe_unet = build_module(UNetModel, fam.unet, sub_state_dict(open_state_dict(path, prefix=UNET), UNET),
+                                  "UNet", "cpu", torch.float32, path)
+    fam, why = resolve_prediction(detection, prediction, yaml_path, probe_unet)
+    del probe_unet
+    reasons += why
+    if vae_config is not None:
         fam = replace(fam, vae=vae_config)
-        reasons += why
+        reasons += vae_why
     vae_module = build_module(AutoencoderKL, fam.vae, vae_sd, "VAE", device, vae_dtype, vae_path or path)
+    component_dtypes = {"unet": dtype_counts(sub_state_dict(sd, UNET)), "vae": dtype_counts(vae_sd)}
     text_encoders = []
     for config, prefix in zip(fam.text, fam.text_prefixes, strict=True):
         text_sd = sub_state_dict(sd, prefix)
+        component_dtypes["text_encoder." + prefix.rstrip(".")] = dtype_counts(text_sd)
         if config.layout == "hf":
             text_sd = hf_to_open_clip(text_sd)
         text_encoders.append(build_module(TextEncoder, config, text_sd, f"text encoder '{prefix}'", device, dtype,
                                           path))
     return StableDiffusionModel(family=fam, unet=unet, vae=vae_module, text_encoders=text_encoders,
-                                tokenizer=load_tokenizer(), alphas_cumprod=alphas.float().cpu(), device=device,
-                                dtype=dtype, vae_dtype=vae_dtype, path=path, reasons=reasons, vae_path=vae_path,
-                                file_dtypes=dtype_counts(sd))
+                                tokenizer=load_tokenizer(),
+                                alphas_cumprod=alphas.float() if alphas.is_meta else alphas.float().cpu(),
+                                device=device, dtype=dtype, vae_dtype=vae_dtype, path=path, reasons=reasons,
+                                vae_path=vae_path, file_dtypes=dtype_counts(sd), component_file_dtypes=component_dtypes)

@@ -342,12 +342,27 @@ def encode(model: StableDiffusionModel, source: Tensor, seeds: Sequence[int], *,
 
 def decode(model: StableDiffusionModel, latents: Tensor) -> list[Image.Image]:
     """PIL RGB images of scaled latents [B,C,h,w] (a1111-semantics §7.2): one at a time, divided by scale_factor,
-    `(x + 1) / 2` clamped to [0, 1], times 255, truncated to uint8. Raises FloatingPointError on NaN output."""
+    `(x + 1) / 2` clamped to [0, 1], times 255, truncated to uint8.
+
+    Raises FloatingPointError if a latent is not finite (NaN or inf: made upstream, the message says so) or the
+    VAE's output is not (the hint depends on the VAE's dtype: float32 for a float16/bfloat16 VAE; otherwise the
+    latent is out of range or the weights are bad, reported with the largest |latent|)."""
     result = []
-    for z in latents:
+    vae_dtype = str(model.vae_dtype).removeprefix("torch.")
+    for i, z in enumerate(latents):
+        if not bool(torch.isfinite(z).all()):
+            raise FloatingPointError(f"VAE decode: the latent of image {i} is already non-finite (NaN or inf) before "
+                                     "decoding; it was produced upstream (sampling or upscaling), not by the VAE")
         x = model.vae.decode((z[None] / model.family.vae.scale_factor).to(model.device, model.vae_dtype)).float()
-        if torch.isnan(x).any():
-            raise FloatingPointError(f"VAE decode produced NaN in {model.vae_dtype}; run with vae_dtype=float32")
+        if not bool(torch.isfinite(x).all()):
+            largest = float(z.abs().max())
+            hint = ("run the VAE in float32 (load_checkpoint(..., vae_dtype=torch.float32); the command line "
+                    "always does)" if model.vae_dtype in (torch.float16, torch.bfloat16) else
+                    f"the latent is finite but far out of the VAE's range (largest |latent| {largest:.3g}; sampled "
+                    "latents normally stay within about 10, such values come from e.g. an extreme cfg_scale), or the "
+                    "VAE weights hold non-finite values")
+            raise FloatingPointError(f"VAE decode of image {i} produced non-finite values (NaN or inf) in "
+                                     f"{vae_dtype}; {hint}")
         x = torch.clamp((x[0] + 1) / 2, 0, 1)
         result.append(Image.fromarray((255.0 * x.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)))
     return result
@@ -512,7 +527,12 @@ def sample(model: StableDiffusionModel, sampler: SamplerInfo, x: Tensor, record:
 
     The denoiser the sampler calls is composed before sampling: `with_call_index` (call k gets step=k) ->
     `traced` (appends sigma to `record.model_calls`, reports to `model_callback`) -> `refiner_switch` (when a
-    refiner is given) -> `guided_denoiser` (blend, CFG, model). Returns latents [B,C,h,w]."""
+    refiner is given) -> `guided_denoiser` (blend, CFG, model). Returns latents [B,C,h,w].
+
+    Every model call's output (one `torch.isfinite(...).all()` each) and the returned latents are checked: the
+    first NaN/inf raises FloatingPointError naming the call (k of N, its sigma or timestep), cfg_scale and the UNet
+    dtype, what was already non-finite (the incoming latent, the conditioning) and a hint that holds for the run:
+    lower cfg_scale when |cfg_scale| > 30 (A1111's UI range is 1..30), float32 only for a float16/bfloat16 UNet."""
     timestep = sampler.kind == "timestep"
     guided = guided_denoiser(model, sampler, conds, image_cond, blend, ctx, image_cfg_scale, options.s_min_uncond)
     if refiner is not None:
@@ -522,9 +542,54 @@ def sample(model: StableDiffusionModel, sampler: SamplerInfo, x: Tensor, record:
         guided = refiner_switch(guided, later, refiner.switch_at, schedule, record)
     n_calls = len(record.timesteps) if timestep else sampler.total_steps(
         record.steps if record.t_enc is None else record.t_enc + 1)
-    denoiser = with_call_index(traced(guided, record, model_callback), n_calls)
-    return run_sampler(model, sampler, denoiser, x, record, cfg_scale, noise_rng, seeds, options, callback,
-                       disable_progress, is_img2img=record.t_enc is not None)
+
+    def finite(t) -> bool:
+        return all(bool(torch.isfinite(v).all()) for v in (t.values() if isinstance(t, dict) else [t]))
+
+    def non_finite(what: str, x_in: Tensor | None, step: int) -> FloatingPointError:
+        """The error for the first non-finite value; x_in = the latent the failing model call received."""
+        switched = refiner is not None and record.refiner_switch_call is not None
+        unet, step_conds = (refiner.model, refiner_conds) if switched else (model, conds)
+        notes = [f"{what} with cfg_scale {cfg_scale:g}, UNet dtype {str(unet.dtype).removeprefix('torch.')}"]
+        explained = False
+        if x_in is not None and not finite(x_in):
+            explained = True
+            notes.append("the starting latent (init latent + noise) was already non-finite" if step == 0 else
+                         "the latent it received was already non-finite (the sampler's update after model call "
+                         f"{step} overflowed)")
+        elif x_in is not None:
+            notes.append(f"largest |latent| it received {float(x_in.abs().max()):.3g}")
+        if x_in is not None and not (finite(step_conds.cond(step)) and finite(step_conds.uncond(step))):
+            explained = True
+            notes.append("the prompt conditioning of this call is not finite")
+        if not abs(cfg_scale) <= 30:  # also NaN
+            too_big = (f"{cfg_scale:g} does not even fit in float32; " if torch.isinf(torch.tensor(float(cfg_scale)))
+                       else "")
+            notes.append(f"lower cfg_scale ({too_big}A1111's UI allows 1 to 30)")
+        if unet.dtype in (torch.float16, torch.bfloat16):
+            notes.append("run the UNet in float32 (--dtype float32; load_checkpoint(..., dtype=torch.float32))")
+        elif not explained and abs(cfg_scale) <= 30:
+            notes.append("cfg_scale and the UNet dtype are ordinary here, so the checkpoint's weights or the inputs "
+                         "may hold non-finite or extreme values")
+        return FloatingPointError("; ".join(notes))
+
+    def checked(x: Tensor, sigma: Tensor, *, step: int, **kwargs: Any):
+        out = guided(x, sigma, step=step, **kwargs)
+        if not finite(out[0] if isinstance(out, tuple) else out):
+            of_n = f" of {n_calls}" if step < n_calls else ""
+            level = f"{'timestep' if timestep else 'sigma'} {float(sigma.flatten()[0]):.4g}"
+            raise non_finite(f"model call {step + 1}{of_n} ({level}) produced non-finite values (NaN or inf)", x,
+                             step)
+        return out
+
+    denoiser = with_call_index(traced(checked, record, model_callback), n_calls)
+    samples = run_sampler(model, sampler, denoiser, x, record, cfg_scale, noise_rng, seeds, options, callback,
+                          disable_progress, is_img2img=record.t_enc is not None)
+    if not finite(samples):
+        calls = len(record.model_calls)
+        raise non_finite(f"the sampler's update after its last model call ({calls}) produced non-finite latents",
+                         None, calls)
+    return samples
 
 
 def guided_denoiser(model: StableDiffusionModel, sampler: SamplerInfo, conds: Conds, image_cond: Tensor | None,

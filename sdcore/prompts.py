@@ -46,6 +46,11 @@ _WEIGHT_CLOSE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _SPECIAL = "\\()[]:"
 
 
+def _short(text: str, limit: int = 60) -> str:
+    """repr of text, cut to `limit` characters for error messages."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def _plain_pieces(text: str) -> list[list]:
     """A run of plain text; each whole-word BREAK becomes the chunk-break marker ["BREAK", -1]."""
     pieces: list[list] = []
@@ -68,7 +73,8 @@ def parse_prompt_attention(text: str) -> list[list]:
 
     Example: "a (b:1.2) [c]" -> [["a ", 1.0], ["b", 1.2], [" ", 1.0], ["c", 0.9090909090909091]].
     Returns a new list of [str, float] lists. Raises TypeError if text is not a str, ValueError if an explicit
-    weight such as `(a:1.2.3)` is not a number.
+    weight such as `(a:1.2.3)` is not a number, or if a weight is not finite (`(a:999...9)` with 309+ digits, or
+    thousands of nested brackets multiplying past 1.8e308; A1111 would carry inf/NaN into the conditioning).
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -101,6 +107,9 @@ def parse_prompt_attention(text: str) -> list[list]:
             except ValueError:
                 raise ValueError(f"prompt {text!r}: emphasis weight {weight_close[1]!r} at position {i} is not a "
                                  "number") from None
+            if not math.isfinite(factor):
+                raise ValueError(f"prompt {_short(text)}: emphasis weight at position {i} is not a finite number "
+                                 f"({factor})")
             multiply_from(round_open.pop(), factor)
             i = weight_close.end()
         elif c == ")" and round_open:
@@ -126,6 +135,10 @@ def parse_prompt_attention(text: str) -> list[list]:
         multiply_from(start, SQUARE_MULTIPLIER)
     if not pieces:
         return [["", 1.0]]
+    for piece in pieces:
+        if not math.isfinite(piece[1]):
+            raise ValueError(f"prompt {_short(text)}: nested emphasis multiplies the weight of {_short(piece[0])} "
+                             f"to {piece[1]}; weights must be finite")
     merged = [pieces[0]]
     for piece in pieces[1:]:
         if piece[1] == merged[-1][1]:
@@ -278,6 +291,8 @@ class _StepRule:
             value = (value - self.float_offset) * self.steps
         else:
             value = value - self.int_offset
+        if not math.isfinite(value):  # `[a:b:1e999]`: A1111's int(inf) raises OverflowError; +inf never switches
+            return self.steps if value > 0 else -1
         return min(self.steps, int(value))
 
 
@@ -307,6 +322,26 @@ def _text_at(nodes: Sequence, step: int, rule: _StepRule) -> str:
     return "".join(parts)
 
 
+MAX_BRACKET_DEPTH = 100  # the recursive schedule parser's limit (Python's stack); A1111's is lark's
+
+
+def _bracket_depth(text: str) -> int:
+    """The most brackets open at once ( "(" "[" +1, ")" "]" -1, never below 0, backslash pairs skipped): an upper
+    bound of `_ScheduleParser`'s recursion depth in constructs."""
+    depth = deepest = i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 1
+        elif c in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]":
+            depth = max(0, depth - 1)
+        i += 1
+    return deepest
+
+
 def _check_steps(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}; allowed: an int >= 1")
@@ -320,12 +355,14 @@ def get_learned_conditioning_prompt_schedules(prompts: Sequence[str], steps: int
     `when` of `[from:to:when]`: with a "." it is a fraction of the steps, `int((when - off) * steps)`, else a step
     number `when - off_int`; off = 0, off_int = 0 for the base pass; for a hires pass (`hires_steps` given) off =
     1.0 and off_int = `steps` and the schedule spans `hires_steps`. Clipped to `min(steps, .)`; a switch point
-    only if >= 1. The text uses `from` while step <= when. `use_old_scheduling`: when < 1 is a fraction, else a
-    step (base steps; hires offsets ignored). Alternation `[a|b]` adds every step 1..steps and picks option
+    only if >= 1; a `when` beyond float range (`1e999`) counts as +-inf (A1111 raises OverflowError). The text
+    uses `from` while step <= when. `use_old_scheduling`: when < 1 is a fraction, else a step (base steps; hires
+    offsets ignored). Alternation `[a|b]` adds every step 1..steps and picks option
     (step - 1) mod k. A prompt the grammar cannot parse (e.g. a "|" outside brackets) is [(steps, prompt)].
 
     Example (steps 20): "a [b:c:0.5] d" -> [(10, "a b d"), (20, "a c d")].
-    Raises ValueError for steps/hires_steps that are not ints >= 1, TypeError for non-str prompts.
+    Raises ValueError for steps/hires_steps that are not ints >= 1 or a prompt with more than MAX_BRACKET_DEPTH
+    (100) brackets open at once (the parser is recursive), TypeError for non-str prompts.
     """
     _check_steps("steps", steps)
     if hires_steps is not None:
@@ -340,6 +377,9 @@ def get_learned_conditioning_prompt_schedules(prompts: Sequence[str], steps: int
         if not isinstance(prompt, str):
             raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r}")
         if prompt not in cache:
+            if _bracket_depth(prompt) > MAX_BRACKET_DEPTH:
+                raise ValueError(f"prompt {_short(prompt)}: more than {MAX_BRACKET_DEPTH} brackets open at once; "
+                                 "nest ( and [ less deeply")
             tree = _ScheduleParser(prompt).parse()
             if tree is None:
                 cache[prompt] = [(rule.steps, prompt)]
@@ -364,7 +404,8 @@ def get_multicond_prompt_list(prompts: Sequence[str]) -> tuple[list[list[tuple[i
     Each part may end in `:weight` (default 1.0; trailing spaces dropped, other whitespace kept). Returns
     (per-prompt [(index into flat list, weight), ...], flat list of unique part texts, text -> index).
     Example: ["a cat AND a dog:0.5"] -> ([[(0, 1.0), (1, 0.5)]], ["a cat", " a dog"], {...}).
-    Raises TypeError for non-str prompts.
+    Raises TypeError for non-str prompts, ValueError for a weight beyond float range (309+ digits; A1111 would
+    multiply the guidance by inf).
     """
     indexes: list[list[tuple[int, float]]] = []
     flat: list[str] = []
@@ -375,10 +416,14 @@ def get_multicond_prompt_list(prompts: Sequence[str]) -> tuple[list[list[tuple[i
         parts = []
         for part in _AND.split(prompt):
             text, weight = _PART_WEIGHT.match(part).groups()
+            value = float(weight) if weight is not None else 1.0
+            if not math.isfinite(value):
+                raise ValueError(f"prompt {_short(prompt)}: AND weight of part {_short(text)} is not a finite "
+                                 f"number ({value})")
             if text not in index_of:
                 index_of[text] = len(flat)
                 flat.append(text)
-            parts.append((index_of[text], float(weight) if weight is not None else 1.0))
+            parts.append((index_of[text], value))
         indexes.append(parts)
     return indexes, flat, index_of
 
@@ -484,11 +529,22 @@ def get_target_prompt_token_count(token_count: int) -> int:
 def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, emphasis: str = "Original") -> torch.Tensor:
     """Weight encoder outputs by token multipliers (A1111 `sd_emphasis`, a1111-semantics §11.4).
 
-    z: [B, 77, C] one chunk for the batch; multipliers: [B, 77]. "Original": `z * m`, then rescaled by
-    `mean(z) / mean(z * m)` where both means are over the whole [B, 77, C] tensor (one scalar); "No norm":
-    `z * m`; "Ignore" and "None": z unchanged. All multipliers 1 -> z unchanged in every mode (the "Original"
-    ratio is then exactly 1; returning early also avoids 0/0 when mean(z) is 0, e.g. ln_final without bias).
-    Returns z itself or a new tensor (z is never modified).
+    z: [B, 77, C] one chunk for the batch; multipliers: [B, 77]. "No norm": `z * m`; "Ignore" and "None": z
+    unchanged. "Original": `w = z * m`, then A1111's mean restoration `w * (mean(z) / mean(w))`, both means over
+    the whole [B, 77, C] tensor (one scalar each), with A1111's operations in z's dtype, so a float32 result is
+    A1111's to the bit (for a float16/bfloat16 z, A1111's float32 multipliers promote w and the means to float32;
+    sdcore stays in z's dtype), except in one case:
+
+    **sdcore deviates:** the restoration is skipped for the chunk (the result is `w`, as "No norm") when a mean
+    vanishes, i.e. `|mean(z)| <= eps * mean(|z|)` or `|mean(w)| <= eps * mean(|w|)` (eps = `torch.finfo(z.dtype)
+    .eps`, one rounding unit: such a mean is rounding noise, not a property of the prompt), or when A1111's result
+    is not finite. Below that floor A1111 multiplies by noise: 0/x gives all-zero conditioning, x/0 inf, 0/0 NaN, a
+    tiny/tiny ratio an arbitrary scale. This happens with encoders whose features have mean 0 by construction,
+    e.g. a final LayerNorm without bias (the bundled tiny model: mean(z) is 0.0 or ~5e-9 against mean(|z|) 0.8).
+    Wherever A1111's result is finite and both means are above the floor, the result is A1111's exactly.
+
+    All multipliers 1 -> z unchanged in every mode (A1111's ratio is then exactly 1, or its mean is below the
+    floor). Returns z itself or a new tensor (z is never modified).
     """
     _check_emphasis(emphasis)
     if emphasis in ("Ignore", "None") or bool((multipliers == 1).all()):
@@ -496,7 +552,13 @@ def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, emphasis: str = "
     weighted = z * multipliers.to(z.dtype)[..., None]  # (B, 77, C)
     if emphasis == "No norm":
         return weighted
-    return weighted * (z.mean() / weighted.mean())
+    before, after = z.mean(), weighted.mean()  # A1111: one scalar each, in z's dtype
+    restored = weighted * (before / after)
+    eps = torch.finfo(z.dtype).eps
+    if (bool(before.abs() > eps * z.abs().mean()) and bool(after.abs() > eps * weighted.abs().mean())
+            and bool(torch.isfinite(restored).all())):
+        return restored
+    return weighted
 
 
 def _chunk_tokens(chunks: Sequence[PromptChunk], ids: _Ids, pad_token: str, device) -> torch.Tensor:

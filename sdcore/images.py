@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
+import itertools
 import os
 import re
+import secrets
+from collections.abc import Callable, Iterable
 from numbers import Real
 from pathlib import Path
 
@@ -211,13 +215,122 @@ def expand_crop_region(crop_region: tuple[int, int, int, int], processing_width:
 # Flatten and masks (a1111-semantics §2.2, 2.5.2, 2.9)
 # ---------------------------------------------------------------------------------------------------------------
 
-def flatten(img: Image.Image, bgcolor: str | tuple[int, ...] = "#ffffff") -> Image.Image:
-    """Composite an RGBA image over `bgcolor` and return RGB; other modes are just converted to RGB (a1111-semantics §2.5.2).
+# EXIF tag 0x0112 "Orientation" values 2..8 and the PIL transposition that shows the picture as a viewer does
+# (EXIF 2.32 / TIFF 6.0; the same table as `PIL.ImageOps.exif_transpose`). 1 or absent = already upright.
+EXIF_ORIENTATION = 0x0112
+_SWAPS_WIDTH_AND_HEIGHT = (5, 6, 7, 8)
 
-    Reference: `modules/images.py` `flatten` (PIL paste of the image through its own alpha onto an opaque canvas;
-    default colour = `opts.img2img_background_color` "#ffffff"). `bgcolor` is any PIL colour spec.
+
+def _exif_orientation(im: Image.Image) -> int:
+    """The EXIF Orientation of `im` (1..8), 1 when absent, out of range or when the EXIF block cannot be parsed.
+
+    Loads the pixels first, as `ImageOps.exif_transpose` does: Pillow's TIFF reader turns the picture itself on load
+    (and drops the tag), and already reports the turned size before it.
+    """
+    im.load()
+    try:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    # Pillow's EXIF parser raises SyntaxError, ValueError, struct.error, ... on a malformed block. A viewer then shows
+    # the picture as stored, and so does A1111 (`images.fix_image` ignores any exception of `exif_transpose`).
+    except Exception:  # noqa: BLE001
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """`im` turned the way a photo viewer shows it: its EXIF Orientation (tag 0x0112) applied, the tag removed.
+
+    Reference: A1111 `modules/images.py` `fix_image` (called by `modules/img2img.py` on the init image and the mask,
+    and by `images.read` in batch mode) applies `PIL.ImageOps.exif_transpose`: 2 mirror left-right, 3 rotate 180,
+    4 mirror top-bottom, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90 counter-clockwise; 5-8 swap
+    width and height. E.g. a phone photo stored 640x480 with Orientation 6 comes back 480x640, the stored top row
+    as the right column. Any mode. Orientation 1, absent, out of range or an unparsable EXIF block: `im` itself is
+    returned (not a copy). Otherwise a new image whose EXIF no longer carries the tag, so applying `upright` twice
+    turns the picture once. `im` is never changed.
+    """
+    _check_image("im", im)
+    if _exif_orientation(im) == 1:
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def viewed_size(im: Image.Image) -> tuple[int, int]:
+    """`(W, H)` of `upright(im)` without transposing any pixels: width and height swapped for Orientation 5-8."""
+    _check_image("im", im)
+    w, h = im.size
+    return (h, w) if _exif_orientation(im) in _SWAPS_WIDTH_AND_HEIGHT else (w, h)
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """`im` as 8 bits per channel in mode "L", "RGB" or "RGBA", scaled (never clipped) from deeper modes.
+
+    Modes, value ranges and the rules (the value range of the *format*, never of the picture, so a dark 16-bit photo
+    stays dark):
+    - "L", "RGB", "RGBA": returned as they are (`im` itself).
+    - "I;16", "I;16L", "I;16B", "I;16N" (16-bit grey, e.g. 16-bit PNG/TIFF) and "I" (32-bit int; Pillow's mode for
+      16-bit grey from some formats): 0..65535 -> "L" 0..255 as `round(v / 257)` (`(v + 128) // 257`); "I" values
+      outside 0..65535 are clipped first. This is the exact inverse of the usual 8 -> 16 bit expansion `v * 257`
+      (0x8080 -> 128, 0xFFFF -> 255, 983 = 1.5 % -> 4) and what ImageMagick (`ScaleShortToChar`) and libpng
+      (`png_set_scale_16`, `(v * 255 + 32895) >> 16`, equal for every v) do; scikit-image's `img_as_ubyte`
+      truncates (`v >> 8`) instead, at most 1 lower.
+      Pillow's own `convert("L")` clips at 255 (any value >= 255 becomes white): the bug this replaces.
+    - "F" (32-bit float): 0.0..1.0 -> "L" `rint(x * 255)` (ties to even: 0.5 -> 127.5 -> 128), clipped to 0..1
+      first, NaN -> 0; scikit-image's float convention and rounding (`img_as_ubyte`: `rint(x * 255)`), and
+      torchvision's (`to_pil_image` reads floats as 0..1). Note Pillow's `convert("F")` of an 8-bit image gives
+      0..255 floats, which this reads as white.
+    - "1": "L" 0/255. "P": "RGBA" when it has transparency (`info["transparency"]`, bytes or one index, or an RGBA
+      palette), else "RGB". "LA" (grey replicated), "PA": "RGBA". "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa":
+      Pillow's own conversion to "RGB" (or "RGBA" when the mode has alpha); CMYK without colour management
+      ((0,0,0,0) -> white, (0,0,0,255) -> black, (255,0,0,0) -> cyan).
+    A colour-key transparency of an "L" or "RGB" PNG (`info["transparency"]`) is ignored, as A1111 ignores it.
+    Raises ValueError naming the mode for a mode Pillow cannot convert. `im` is never changed.
+    """
+    _check_image("im", im)
+    mode = im.mode
+    if mode in ("L", "RGB", "RGBA"):
+        return im
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        return Image.fromarray(np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8))
+    if mode == "1":
+        return im.convert("L")
+    if mode == "P":
+        palette_alpha = im.palette is not None and im.palette.mode == "RGBA"
+        return im.convert("RGBA" if "transparency" in im.info or palette_alpha else "RGB")
+    target = "RGBA" if ("A" in im.getbands() or "a" in im.getbands()) else "RGB"
+    try:
+        return im.convert(target)
+    except ValueError as e:
+        raise ValueError(f"image mode {mode!r} cannot be converted to {target} ({e})") from None
+
+
+def as_viewed(im: Image.Image) -> Image.Image:
+    """What a photo viewer shows of a user image: `to_8bit(upright(im))`, mode "L", "RGB" or "RGBA".
+
+    The single normalisation of user images: `flatten` runs it on every init image and `create_binary_mask` on every
+    mask, the first thing `prepare_inputs` does with each, so sizes, crops and overlays are all measured on the
+    upright 8-bit picture; the CLI's `open_image` already applies `upright` (its size checks need viewer sizes),
+    and `upright` is idempotent. `im` is never changed; `im` itself is returned when it is already upright 8-bit.
+    """
+    return to_8bit(upright(im))
+
+
+def flatten(img: Image.Image, bgcolor: str | tuple[int, ...] = "#ffffff") -> Image.Image:
+    """Composite an image over `bgcolor` through its alpha and return RGB, as a viewer shows it (a1111-semantics §2.5.2).
+
+    Reference: `modules/images.py` `flatten` (PIL paste of the RGBA image through its own alpha onto an opaque canvas;
+    default colour = `opts.img2img_background_color` "#ffffff"), after `modules/img2img.py`'s `images.fix_image`
+    (EXIF orientation; a "P" image with a transparency table becomes RGBA). `bgcolor` is any PIL colour spec.
+    Any mode: first `as_viewed` (EXIF orientation, 16-bit and float scaled to 8 bits, see `to_8bit`); every mode
+    with alpha ("RGBA", "LA", "PA", "P" with transparency) is then composited. sdcore deviates: A1111 composites
+    only RGBA and a "P" with a transparency *table*; it drops the alpha of "LA" and of a "P" with one transparent
+    index, showing the colours hidden under the transparent pixels. Returns a new image; `img` is never changed.
     """
     _check_image("img", img)
+    img = as_viewed(img)
     if img.mode == "RGBA":
         background = Image.new("RGBA", img.size, bgcolor)
         background.paste(img, mask=img)
@@ -232,8 +345,15 @@ def create_binary_mask(mask: Image.Image, round: bool = True) -> Image.Image:
     alpha channel; with `round` it is binarised `255 if a > 128 else 0` (128 -> 0, 129 -> 255), without it the alpha is
     kept as is. Any other mask is converted to "L" (ITU-R 601 luma: (255,0,0) -> 76, (0,255,0) -> 150,
     (0,0,255) -> 29, grey g -> g), never binarised.
+
+    Any mode: the mask is first read as a viewer shows it (`as_viewed`: EXIF orientation as A1111's
+    `images.fix_image`, then `to_8bit`), so a 16-bit grey mask is scaled, not clipped (a 1.5 % grey 983 -> 4, which
+    the latent mask rounds to "keep"; A1111's `convert('L')` would clip it to 255, "regenerate"), a float "F" mask
+    0..1 -> 0..255, and "LA", "PA" and "P" masks with transparency are read from their alpha like RGBA. Returns a new
+    image; `mask` is never changed.
     """
     _check_image("mask", mask)
+    mask = as_viewed(mask)
     if mask.mode == "RGBA" and mask.getextrema()[3] != (255, 255):
         alpha = mask.getchannel("A")
         if not round:
@@ -541,6 +661,99 @@ def next_sequence_number(directory: str | os.PathLike) -> int:
     return largest + 1
 
 
+# Errors of os.link meaning "this file system has no hard links" (FAT, some network and FUSE mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.ENOTSUP,
+                  getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush a file's data (or a folder's entries) to the disk. Folders are best effort (not on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _new_temporary(beside: Path) -> Path:
+    """A new empty hidden file `.<name>.<random>.partial` in `beside`'s folder, created exclusively with mode 0o666
+    less the umask (the mode the final file keeps; `tempfile.mkstemp` would make it 0o600)."""
+    while True:
+        tmp = beside.with_name(f".{beside.name}.{secrets.token_hex(6)}.partial")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def write_new_file(path: str | os.PathLike | Iterable[str | os.PathLike], write: Callable[[Path], None]) -> Path:
+    """Create a new file whose content `write(tmp)` writes, atomically and never overwriting. Returns its path.
+
+    `path`: the name, or an iterable of candidate names in one folder, tried in order (the first that does not exist
+    is taken; `save_image` passes its numbered names). `write` gets a fresh hidden temporary file in that folder
+    (`_new_temporary`: a new random name, exclusive creation), whose data are then flushed to the disk (fsync) and
+    which is then hard-linked to the final name. `os.link` refuses an existing name atomically (FileExistsError), so
+    no file is ever overwritten, not even one a concurrent run creates between a check and the link: a check then
+    `os.rename` / `os.replace` would overwrite it silently, and exclusive creation of the final name itself would
+    leave a truncated file there when the write fails (disk full). The temporary name is removed whatever happens
+    (`finally`), and the folder is flushed so the new name survives a crash. On a file system without hard links
+    (`_NO_HARD_LINKS`) the name is reserved by exclusive creation and the complete temporary file renamed over the
+    reservation (still atomic and never overwriting; only a process killed between the two steps leaves an empty
+    file under the name).
+
+    Raises FileExistsError when every candidate exists; an OSError of `write` or of the flush (ENOSPC, EIO, ...)
+    propagates naming the final file, and leaves neither a file under the final name nor the temporary file.
+    """
+    names = iter([path] if isinstance(path, (str, os.PathLike)) else path)
+    first = Path(next(names))
+    tmp = _new_temporary(first)
+    try:
+        try:
+            write(tmp)
+            _fsync_path(tmp)
+        except OSError as e:
+            if e.errno is None or isinstance(e, FileExistsError):
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(first)) from e
+        hard_links = True
+        for name in itertools.chain([first], (Path(n) for n in names)):
+            if hard_links:
+                try:
+                    os.link(tmp, name)
+                    break
+                except FileExistsError:
+                    continue
+                except OSError as e:
+                    if e.errno not in _NO_HARD_LINKS:
+                        raise
+                    hard_links = False
+            try:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserve the name
+            except FileExistsError:
+                continue
+            try:
+                os.replace(tmp, name)
+            except BaseException:
+                Path(name).unlink(missing_ok=True)  # our empty reservation
+                raise
+            break
+        else:
+            raise FileExistsError(errno.EEXIST, "exists; files are never overwritten", str(first))
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_path(name.parent, directory=True)
+    return name
+
+
 def save_image(image: Image.Image, outdir: str | os.PathLike, seed: int, infotext: str | None = None, *,
                prompt: str | None = None, date_subfolder: bool = True, suffix: str = "",
                date: datetime.date | None = None) -> Path:
@@ -550,9 +763,9 @@ def save_image(image: Image.Image, outdir: str | os.PathLike, seed: int, infotex
     `save_to_dirs`). Directory: `outdir/<YYYY-MM-DD>` (`date`, default today) when `date_subfolder`, else `outdir`;
     created if missing. Name: `%05d-<seed><suffix>.png` with the next free number (`next_sequence_number`), e.g.
     `00000-1234.png`; without the date subfolder and with a `prompt`, A1111's `[seed]-[prompt_spaces]` pattern:
-    `00000-1234-a cat.png`. Prompt and suffix are sanitised. The file is opened with exclusive creation, so a file
-    that appears meanwhile is never overwritten (the number is bumped instead). `infotext` goes into the PNG text
-    chunk "parameters".
+    `00000-1234-a cat.png`. Prompt and suffix are sanitised. The file is written by `write_new_file`: complete or
+    not at all under its name (a full disk leaves nothing), and a name that appears meanwhile is never overwritten
+    (the number is bumped instead). `infotext` goes into the PNG text chunk "parameters".
     """
     _check_image("image", image)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -572,17 +785,9 @@ def save_image(image: Image.Image, outdir: str | os.PathLike, seed: int, infotex
         pnginfo = PngImagePlugin.PngInfo()
         pnginfo.add_text("parameters", infotext)
 
-    number = next_sequence_number(directory)
-    while True:
-        path = directory / f"{number:05d}-{decoration}.png"
-        try:
-            f = open(path, "xb")
-        except FileExistsError:
-            number += 1
-            continue
-        with f:
-            image.save(f, format="PNG", pnginfo=pnginfo)
-        return path
+    start = next_sequence_number(directory)
+    names = (directory / f"{number:05d}-{decoration}.png" for number in itertools.count(start))
+    return write_new_file(names, lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -665,7 +870,7 @@ def prepare_inputs(init_images: list[Image.Image], mask: Image.Image | None, *, 
             mask, width=width, height=height, resize_mode=resize_mode, mask_blur_x=mask_blur_x,
             mask_blur_y=mask_blur_y, mask_round=mask_round, invert=invert, full_res=full_res, padding=padding)
         blank = mask is None
-    fill_mask = latent_mask if latent_mask is not None else mask
+    fill_mask = as_viewed(latent_mask) if latent_mask is not None else mask
     pixels, overlays, originals, corrections = [], [], [], []
     for img in init_images:
         image = flatten(img, background_color)

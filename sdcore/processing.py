@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import images, infotext, pipeline, rng
+from . import images, infotext, pipeline, resources, rng
 from .checkpoint import StableDiffusionModel, load_checkpoint
 from .plan import DryRun, Plan, SamplingPass, stand_in_model
 from .sampling import schedules
@@ -177,6 +177,7 @@ class StableDiffusionProcessing:
             sw = self.refiner_switch_at
             if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 0 < sw < 1:
                 raise ValueError(f"refiner_switch_at: {sw!r}; must be in (0, 1) with a refiner_checkpoint")
+        resources.check_processing(self)  # a size that cannot fit is refused before anything is allocated
 
     def load_refiner(self) -> pipeline.Refiner | None:
         """The refiner of `refiner_checkpoint` (a path is loaded on the model's device and dtype), or None.
@@ -417,9 +418,9 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             raise ValueError(f"inpainting_mask_invert: {self.inpainting_mask_invert!r}; allowed: 0, 1")
         if self.mask is not None and not isinstance(self.mask, Image.Image):
             raise TypeError(f"mask: {type(self.mask).__name__}; must be a PIL.Image.Image")
-        if self.mask is not None and self.mask.size != self.init_images[0].size:
-            raise ValueError(f"mask: size {self.mask.size} differs from init_images[0] size "
-                             f"{self.init_images[0].size}")
+        if self.mask is not None and images.viewed_size(self.mask) != images.viewed_size(self.init_images[0]):
+            raise ValueError(f"mask: size {images.viewed_size(self.mask)} differs from init_images[0] size "
+                             f"{images.viewed_size(self.init_images[0])} (as shown, EXIF orientation applied)")
         self.blend()
 
     def effective_batch_size(self) -> int:

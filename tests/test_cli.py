@@ -16,6 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from conftest import rect_mask
 from sdcore import cli
+from sdcore import batch as sdbatch
 from sdcore.cli import commands
 from sdcore.cli import (FIELDS_WITHOUT_FLAG, FLAGS, Task, build_parser, dry_run, main, make_processing,
                         processing_flags, resolve_values, values_from_infotext, write_new_file)
@@ -387,12 +388,12 @@ def test_batch_writes_stem_pngs_skips_done_and_resumes(capsys, batch, sd1_tiny_p
             "--steps", 2, "--seed", 3, *SMALL]
 
     calls = []
-    real = commands._save_png
+    real = sdbatch._png_writer  # the folder batch runs the manifest code path (sdcore/batch.py)
 
-    def interrupted_second_write(image, text):
+    def interrupted_second_write(data):
         calls.append(1)
         if len(calls) < 2:
-            return real(image, text)
+            return real(data)
 
         def write(tmp):
             tmp.write_bytes(b"\x89PNG half")
@@ -400,13 +401,13 @@ def test_batch_writes_stem_pngs_skips_done_and_resumes(capsys, batch, sd1_tiny_p
 
         return write
 
-    monkeypatch.setattr(commands, "_save_png", interrupted_second_write)
+    monkeypatch.setattr(sdbatch, "_png_writer", interrupted_second_write)
     with pytest.raises(KeyboardInterrupt):
         main([str(a) for a in argv])
     capsys.readouterr()
     assert sorted(os.listdir(out)) == ["a.png"]  # no half-written b.png, no temporary file left
     a_bytes, a_mtime = (out / "a.png").read_bytes(), (out / "a.png").stat().st_mtime_ns
-    monkeypatch.setattr(commands, "_save_png", real)
+    monkeypatch.setattr(sdbatch, "_png_writer", real)
 
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err

@@ -10,9 +10,11 @@ is created). `--explain` runs the whole job with stand-ins for the UNet and VAE 
 asked (a dry run through `process_images`), so the plan it prints is what a real run does.
 
 Modules: `flags` (the flag table, the parser, values from defaults / infotext / command line), `jobs` (a job's
-input files and its processing object), `explain` (the --explain dry run), `commands` (running the commands,
-writing files). This file holds `main` and re-exports the names the tests and scripts use; the names of `jobs`,
-`explain` and `commands` are imported on first use, since those modules import torch.
+input files, its processing object, `prepare_run`: every check that needs no model), `explain` (the --explain dry
+run), `commands` (the memory check on the checkpoint's header, running the commands, writing files). This file
+holds `main` and re-exports the names the tests and scripts use; the names of `jobs`, `explain` and `commands` are
+imported on first use. `flags` and `jobs` do not import torch: --help, argument errors, missing files and a batch
+whose outputs all exist answer without it (`explain` and `commands` import it).
 """
 from __future__ import annotations
 
@@ -46,8 +48,11 @@ def __getattr__(name: str):
         from .explain import dry_run
         return dry_run
     if name == "write_new_file":
-        from .commands import write_new_file
+        from ..images import write_new_file
         return write_new_file
+    if name == "prepare_run":
+        from .jobs import prepare_run
+        return prepare_run
     if name == "_load_model":
         from .commands import _load_model
         return _load_model
@@ -55,20 +60,41 @@ def __getattr__(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `sdcore` console script; returns the exit status (2 for bad input)."""
+    """Entry point of the `sdcore` console script; returns the exit status (2 for bad input).
+
+    Parsing, the flag values and (for img2img / inpaint / txt2img) every check of `jobs.prepare_run` run before
+    torch is imported: --help and argument errors answer at once, and a batch whose outputs all exist ends here.
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a parse error (2, already printed in one line)
         return e.code if isinstance(e.code, int) else 2
-    # lazy: --help must not import torch
-    from ..checkpoint import CheckpointError
-    from .commands import run_generate, run_info, run_samplers
-
-    run = {"img2img": run_generate, "inpaint": run_generate, "txt2img": run_generate, "info": run_info,
-           "samplers": run_samplers}[args.command]
     try:
-        return run(args)
-    except (ValueError, TypeError, NotImplementedError, CheckpointError, OSError) as e:
-        message = " ".join(str(e).split("\n"))
+        if args.command in ("img2img", "inpaint", "txt2img"):
+            from .jobs import prepare_run  # jobs does not import torch (lazy only to keep `import sdcore.cli` small)
+
+            run = prepare_run(args)
+            if not run.todo:  # a batch whose outputs all exist: nothing to load
+                return 0
+            from .commands import run_generate  # lazy: imports torch
+
+            return run_generate(args, run)
+        if args.command == "batch":
+            from ..batch import run as run_batch  # lazy: sdcore.batch imports torch when it runs rows
+
+            return run_batch(args)
+        if args.command == "serve":
+            from ..server import run as run_serve  # lazy: imports torch and the serve extra
+
+            return run_serve(args)
+        from .commands import run_info, run_samplers  # lazy: imports torch
+
+        return {"info": run_info, "samplers": run_samplers}[args.command](args)
+    # CheckpointError and UsageError are ValueErrors; MemoryError: an allocation the estimate did not foresee;
+    # FloatingPointError: non-finite values, reported where they first appear with advice for the run's dtypes
+    except (ValueError, TypeError, NotImplementedError, OSError, MemoryError, FloatingPointError) as e:
+        message = " ".join(str(e).split("\n")) or e.__class__.__name__
+        if isinstance(e, MemoryError):
+            message = f"out of memory ({e.__class__.__name__}: {message}); try a smaller size or batch"
         print(f"sdcore: error: {message}", file=sys.stderr)
         return 2

@@ -1,46 +1,36 @@
-"""The commands: `img2img` / `inpaint` / `txt2img` (`run_generate`: check every input, then explain or run each
-job; batch folders), `info` and `samplers`, and the file writing that never overwrites (`write_new_file`).
+"""The commands: `img2img` / `inpaint` / `txt2img` (`run_generate`: after `jobs.prepare_run`'s checks, the memory
+check on the checkpoint's header, then explain or run each job; batch folders), `info` and `samplers`, and the file
+writing that never overwrites (`write_new_file`, the one `sdcore.images.save_image` uses).
 
 Bad input raises UsageError (or another ValueError) before anything is written; `sdcore.cli.main` turns it into
 one line and exit status 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint
+from .. import resources
+from ..batch import manifest_from_folders, run_manifest
+from ..checkpoint import detect_family, drop_known_extras, load_checkpoint, load_vae_file, open_state_dict
+from ..families import Family
+from ..images import write_new_file
 from ..processing import process_images
 from ..sampling.samplers import SAMPLERS, TraceRecorder
 from .explain import explain
-from .flags import DEFAULT_OUTDIRS, UsageError, processing_flags, resolve_values
-from .jobs import Task, _check_processing, _open_inputs, batch_tasks, make_processing
+from .flags import DEFAULT_OUTDIRS, UsageError
+from .jobs import Run, Task, _check_processing, _open_inputs, make_processing, prepare_run
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files
-
-
-def write_new_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Create `path` with `write(tmp)` without ever overwriting, and without a half-written file at `path`.
-
-    The content goes to a hidden temporary name in the same folder and is then hard-linked to `path` (the link fails
-    if `path` exists, so nothing is overwritten even by a concurrent run); an interrupted write leaves no `path`.
-    Raises FileExistsError if `path` exists.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write(tmp)
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_png(image, infotext: str) -> Callable[[Path], None]:
@@ -50,75 +40,107 @@ def _save_png(image, infotext: str) -> Callable[[Path], None]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Memory, from the checkpoint's header
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeaderModel:
+    """What a checkpoint's header tells before its weights load: enough for `make_processing` (the native size)
+    and `resources.check_processing` (family, device, dtypes)."""
+
+    family: Family
+    device: str
+    dtype: str
+    vae_dtype: str = "float32"
+
+
+def _header_family(args) -> Family:
+    """The checkpoint's family from its header (names and shapes; no tensor data is read), the --vae file's VAE
+    geometry applied. An unreadable, hostile or unknown file raises the CheckpointError its load would raise, only
+    earlier. An SD2 file whose prediction (so native size, 512 or 768) the probe on its weights decides counts as
+    768 px."""
+    raw, _ = drop_known_extras(open_state_dict(args.ckpt, meta=True))
+    detection = detect_family({k: tuple(v.shape) for k, v in raw.items()})
+    family = detection.family
+    if args.vae is not None:
+        family = dataclasses.replace(family, vae=load_vae_file(args.vae, family.vae, meta=True)[1])
+    if detection.probe_prediction and args.prediction is None:
+        family = dataclasses.replace(family, native_size=max(family.native_size, 768))
+    return family
+
+
+def check_memory(args, run: Run, family: Family) -> None:
+    """Refuse, before the weights load, a run whose estimated peak memory (`sdcore.resources`) exceeds what the
+    device has available: UsageError naming --width/--height with the estimate and the limit. --explain is refused
+    the same way (it plans a run that cannot happen), and allocates nothing for it. `family`: `_header_family`'s."""
+    header = _HeaderModel(family, args.device, args.dtype)
+    available = resources.available_bytes(args.device)
+    for task in run.todo:
+        p = make_processing(header, run.values, run.command)
+        image_size = None
+        if task.init is not None:
+            with Image.open(task.init) as im:  # the header only: prepare_run has decoded the file
+                image_size = im.size
+        try:
+            resources.check_processing(p, available, image_size)
+        except ValueError as e:
+            raise UsageError(f"--width/--height: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Running jobs
+
+SMALL_JOB = 1 << 20  # UNet rows x latent cells x model_channels^2 (~ conv work) at or below which one thread is used
+
+
+def threads_for(args, run: Run, family: Family) -> int:
+    """--threads, or for 0 (auto) 1 when every job is small (`SMALL_JOB`; the tiny model at 64 px, one image:
+    2 x 8 x 8 x 64^2 = 2^19), else 0 = leave torch's default. Tiny convolutions run faster on one thread: with two,
+    OpenMP's hand-offs cost more than the work (20-step img2img with the tiny model on this 2-core machine: 0.4 s
+    on one thread, 0.6 s on two, and 5 to 28 s on two when the other core is busy)."""
+    if args.threads or args.device != "cpu":
+        return args.threads
+    width = run.values["width"] or family.native_size
+    height = run.values["height"] or family.native_size
+    factor = 2 ** (len(family.vae.ch_mult) - 1)
+    hires = run.values.get("hr_scale", 1) if run.values.get("enable_hr") else 1
+    cells = (width // factor) * (height // factor) * hires * hires
+    work = 2 * run.values["batch_size"] * cells * family.unet.model_channels ** 2
+    return 1 if work <= SMALL_JOB else 0
 
 
 def _load_model(path: Path, device: str, dtype: str, vae: Path | None = None, prediction: str | None = None):
     return load_checkpoint(path, device=device, dtype=getattr(torch, dtype), vae=vae, prediction=prediction)
 
 
-def _check_run_args(args, values: dict[str, Any]) -> None:
-    if args.trace is not None:
-        if getattr(args, "input_dir", None) is not None:
-            raise UsageError("--trace: records one job; not with --input-dir")
-        if args.trace.suffix != ".safetensors":
-            raise UsageError(f"--trace: {args.trace}; the file name must end in .safetensors")
-        if args.trace.exists():
-            raise UsageError(f"--trace: {args.trace} exists; traces are never overwritten")
-        if not args.trace.parent.is_dir():
-            raise UsageError(f"--trace: folder {args.trace.parent} does not exist")
-    for flag, folder in (("--outdir", args.outdir), ("--output-dir", getattr(args, "output_dir", None))):
-        if folder is not None and folder.exists() and not folder.is_dir():
-            raise UsageError(f"{flag}: {folder} exists and is not a folder")
-    if args.command == "txt2img":
-        return
-    batch = args.input_dir is not None
-    if batch and args.init is not None:
-        raise UsageError(f"init: {args.init}; give an init image or --input-dir, not both")
-    if not batch and args.init is None:
-        raise UsageError("init: missing; give an init image file or --input-dir DIR")
-    if batch and args.output_dir is None and not args.explain:
-        raise UsageError("--output-dir: missing; batch mode (--input-dir) writes <stem>.png files there")
-    if not batch and (args.output_dir is not None or args.mask_dir is not None):
-        flag = "--output-dir" if args.output_dir is not None else "--mask-dir"
-        raise UsageError(f"{flag}: only with --input-dir (single images go to --outdir)")
-    if batch and args.outdir is not None:
-        raise UsageError("--outdir: not with --input-dir (batch outputs go to --output-dir)")
-    if batch and values["mask"] is not None:
-        raise UsageError("--mask: not with --input-dir (use --mask-dir)")
-    if args.command == "inpaint" and values["mask"] is None and args.mask_dir is None:
-        raise UsageError("--mask: inpaint needs a mask (--mask FILE, or --mask-dir with --input-dir)")
-    if values["latent_mask"] is not None and values["mask"] is None and args.mask_dir is None:
-        raise UsageError("--latent-mask: only used together with a mask (--mask)")
-
-
-def run_generate(args) -> int:
-    """img2img, inpaint and txt2img: resolve the values, check every input, then explain or run each job."""
-    values, unused = resolve_values(args, processing_flags(args.command))
-    _check_run_args(args, values)
-    command = "txt2img" if args.command == "txt2img" else "img2img"
-    batch = getattr(args, "input_dir", None) is not None
-    if batch:
-        tasks = batch_tasks(args.input_dir, args.mask_dir, args.output_dir, values["batch_size"] * values["n_iter"])
-    else:
-        tasks = [Task(getattr(args, "init", None), values.get("mask"))]
-    todo = [t for t in tasks if args.explain or not t.done]
-    for t in tasks:
-        if t not in todo:
-            print(f"skip: {t.init.name}: {', '.join(str(p) for p in t.outputs)} exist", file=sys.stderr)
-    if unused:
-        print(f"sdcore: note: infotext keys not used: {', '.join(unused)}", file=sys.stderr)
-
+def run_generate(args, run: Run | None = None) -> int:
+    """img2img, inpaint and txt2img: `jobs.prepare_run` (unless given its result), the memory check on the
+    checkpoint's header, then load the model, check every job against it and explain or run each job."""
+    if run is None:
+        run = prepare_run(args)
+    if not run.todo:  # a batch whose outputs all exist: nothing to load
+        return 0
+    family = _header_family(args)
+    check_memory(args, run, family)
+    threads = threads_for(args, run, family)
+    if threads:
+        torch.set_num_threads(threads)
+    values, command = run.values, run.command
     sd = _load_model(args.ckpt, args.device, args.dtype, args.vae, args.prediction)
-    outdir = None if batch else (args.outdir or DEFAULT_OUTDIRS[args.command])
+    outdir = None if run.batch else (args.outdir or DEFAULT_OUTDIRS[args.command])
     # Everything that can be checked is checked for every task before the first file is written.
-    for task in todo:
+    for task in run.todo:
         _check_processing(make_processing(sd, values, command, *_open_inputs(task, values), outdir=outdir))
     if args.explain:
-        for task in todo:
+        for task in run.todo:
             print(explain(sd, values, command, task))
         return 0
-    for task in tqdm(todo, desc="images", unit="input", disable=None if len(todo) > 1 else True):
+    if run.batch:  # the folder batch is a manifest built from the folders: one code path with `sdcore batch`
+        rows = manifest_from_folders(args.input_dir, args.mask_dir, args.output_dir,
+                                     values["batch_size"] * values["n_iter"])
+        run_manifest(rows, sd, args.output_dir, values, strict=True, results_name=None, skip_lines=False)
+        return 0
+    for task in tqdm(run.todo, desc="images", unit="input", disable=None if len(run.todo) > 1 else True):
         run_task(sd, values, command, task, outdir, args.trace)
     return 0
 
@@ -156,14 +178,23 @@ def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path 
 
 
 def run_info(args) -> int:
-    sd = load_checkpoint(args.ckpt, vae=args.vae, prediction=args.prediction)
+    """What a checkpoint is and why: family, reasons, parameters and file dtypes per component, model hash.
+
+    Reads only the file's header (`load_checkpoint(..., device="meta")`: names, shapes, dtypes, checked as a real
+    load checks them) and streams the sha256 in 1 MiB blocks, so memory does not grow with the file; the one
+    exception is an SD2 file with 4 input channels and neither --prediction nor a yaml beside it, whose UNet is
+    read to run A1111's v-prediction probe. Errors (CheckpointError: a folder, a missing, truncated, corrupt or
+    hostile file, a checkpoint without a VAE and no --vae) reach `main`, which prints one line and exits 2.
+    """
+    sd = load_checkpoint(args.ckpt, device="meta", vae=args.vae, prediction=args.prediction)
     print(f"file: {args.ckpt}")
     print(f"family: {sd.family.name} (prediction {sd.family.prediction}, native {sd.family.native_size} px)")
     for r in sd.reasons:
         print(f"  because: {r}")
-    components = sd.components()
     for name, count in sd.parameter_counts().items():
-        print(f"{name}: {count:,} parameters, compute dtype {next(components[name].parameters()).dtype}")
+        dtypes = sd.component_file_dtypes.get(name, {})
+        shown = next(iter(dtypes)) if len(dtypes) == 1 else ", ".join(f"{k} x{n}" for k, n in dtypes.items())
+        print(f"{name}: {count:,} parameters, file dtype {shown or '-'}")
     print("file dtypes: " + ", ".join(f"{k} x{n}" for k, n in sd.file_dtypes.items()))
     print(f"model hash (sha256[:10]): {sd.shorthash()}")
     return 0

@@ -5,11 +5,15 @@ Every processing flag sets one field of `StableDiffusionProcessingImg2Img` (`...
 `--clip-skip` -> `CLIP_stop_at_last_layers`); `FLAGS` is the table. A value comes from, in increasing priority:
 the field's default (the A1111 UI default where a1111-semantics §1 gives one), `--from-infotext FILE` (mapped by
 `values_from_infotext`), the command line; `resolve_values` applies them and checks each (UsageError naming the flag).
+
+Nothing here imports torch (open_image's EXIF helper aside): the processing fields' defaults and the sampler,
+scheduler, emphasis, upscaler, noise-source and blend-key names are literal copies (PROCESSING_DEFAULTS,
+OPTIONS_DEFAULTS, SAMPLER_NAMES, ...), which tests/test_hostile_cli.py compares with their sources, so --help and
+every argument error answer at once.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -21,7 +25,7 @@ from PIL import Image, ImageColor
 
 from ..infotext import parse_infotext
 
-DEFAULT_CKPT = Path(__file__).resolve().parent.parent.parent / "weights" / "sdcore-tiny.safetensors"
+DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "weights" / "sdcore-tiny.safetensors"  # package data
 DEFAULT_OUTDIRS = {"img2img": Path("outputs/img2img-images"), "inpaint": Path("outputs/img2img-images"),
                    "txt2img": Path("outputs/txt2img-images")}
 MAX_INFOTEXT_BYTES = 1 << 20  # PIL's own cap on a PNG text chunk (PngImagePlugin.MAX_TEXT_CHUNK)
@@ -71,7 +75,7 @@ class UsageError(ValueError):
 
 
 class _Default:
-    """Marker: the flag's default is its dataclass field's default (read from processing.py)."""
+    """Marker: the flag's default is its dataclass field's default (PROCESSING_DEFAULTS / OPTIONS_DEFAULTS)."""
 
     def __repr__(self) -> str:
         return "<field default>"
@@ -144,6 +148,12 @@ def _one_of(*allowed) -> Callable[[Any], str | None]:
 
 # sdcore.sampling.blends.BLENDS (tests/test_cli.py checks they agree); a literal so --help needs no torch import.
 BLEND_NAMES = ("a1111", "xt", "soft_inpainting", "differential")
+# The infotext keys of the blends (sdcore.sampling.blends: MASK_BLEND_KEY, SOFT_INPAINTING_ENABLED_LABEL and
+# SOFT_INPAINTING_LABELS' values; tests/test_hostile_cli.py checks): only an infotext holding one imports blends.
+BLEND_INFOTEXT_KEYS = frozenset({
+    "Mask blend", "Soft inpainting enabled", "Soft inpainting schedule bias", "Soft inpainting preservation strength",
+    "Soft inpainting transition contrast boost", "Soft inpainting mask influence",
+    "Soft inpainting difference threshold", "Soft inpainting difference contrast"})
 
 
 def _size(v: int) -> str | None:
@@ -158,27 +168,51 @@ def _seed_resize(v: int) -> str | None:
     return None if v in (-1, 0) or 8 <= v <= 16384 else "must be -1 or 0 (off) or a size in [8, 16384] pixels"
 
 
-def _lookup_problem(lookup: Callable[[str], Any], v: str) -> str | None:
-    """None if `lookup(v)` finds the name; else its ValueError text (what is allowed)."""
-    try:
-        lookup(v)
-    except ValueError as e:
-        return str(e)
-    return None
+# The names the checks below accept, as literals: --help and every argument error must answer without importing
+# torch (the modules holding these tables import it). tests/test_hostile_cli.py checks each equals its source.
+# sdcore.sampling.samplers.SAMPLERS: name -> aliases, in table order.
+SAMPLER_NAMES = {
+    "DPM++ 2M": ("k_dpmpp_2m",), "DPM++ SDE": ("k_dpmpp_sde",), "DPM++ 2M SDE": ("k_dpmpp_2m_sde",),
+    "DPM++ 2M SDE Heun": ("k_dpmpp_2m_sde_heun",), "DPM++ 2S a": ("k_dpmpp_2s_a",),
+    "DPM++ 3M SDE": ("k_dpmpp_3m_sde",), "Euler a": ("k_euler_a", "k_euler_ancestral"), "Euler": ("k_euler",),
+    "LMS": ("k_lms",), "Heun": ("k_heun",), "DPM2": ("k_dpm_2",), "DPM2 a": ("k_dpm_2_a",),
+    "DPM fast": ("k_dpm_fast",), "DPM adaptive": ("k_dpm_ad",), "Restart": ("restart",), "DDIM": ("ddim",),
+    "DDIM CFG++": ("ddim_cfgpp",), "PLMS": ("plms",), "UniPC": ("unipc",), "LCM": ("k_lcm",),
+}
+# sdcore.sampling.schedules.SCHEDULERS: name -> (label, *aliases), in table order.
+SCHEDULER_NAMES = {
+    "automatic": ("Automatic",), "uniform": ("Uniform",), "karras": ("Karras",), "exponential": ("Exponential",),
+    "polyexponential": ("Polyexponential",), "sgm_uniform": ("SGM Uniform", "SGMUniform"),
+    "kl_optimal": ("KL Optimal",), "align_your_steps": ("Align Your Steps",), "simple": ("Simple",),
+    "normal": ("Normal",), "ddim": ("DDIM",), "beta": ("Beta",),
+}
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # sdcore.prompts.EMPHASIS_MODES
+RANDN_SOURCES = ("CPU", "GPU", "NV")  # sdcore.rng.SOURCES
+# sdcore.pipeline.LATENT_UPSCALERS, then PIXEL_UPSCALERS (StableDiffusionProcessingTxt2Img's).
+HR_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                "Latent (nearest)", "Latent (nearest-exact)", "None", "Lanczos", "Nearest")
 
 
 def _sampler(v: str) -> str | None:
-    # lazy: --help must not import torch
-    from ..sampling.samplers import find_sampler
-
-    return _lookup_problem(find_sampler, v)
+    """`sdcore.sampling.samplers.find_sampler`'s rule: trailing " <scheduler label, name or alias>" parts are split
+    off in table order, then the rest must be a sampler name or alias (tests check the two agree)."""
+    base = v
+    for name, (label, *aliases) in SCHEDULER_NAMES.items():
+        for suffix in (label, name, *aliases):
+            if base.endswith(" " + suffix):
+                base = base[:-(len(suffix) + 1)]
+    if any(base == name or base in aliases for name, aliases in SAMPLER_NAMES.items()):
+        return None
+    return (f"unknown sampler {v!r}; valid names: {', '.join(SAMPLER_NAMES)} (aliases: "
+            f"{', '.join(a for aliases in SAMPLER_NAMES.values() for a in aliases)}), optionally followed by a "
+            "scheduler label such as ' Karras'")
 
 
 def _scheduler(v: str) -> str | None:
-    # lazy: --help must not import torch
-    from ..sampling.schedules import find_scheduler
-
-    return _lookup_problem(find_scheduler, v)
+    if any(v == name or v in labels for name, labels in SCHEDULER_NAMES.items()):
+        return None
+    return (f"unknown scheduler {v!r}; expected one of {list(SCHEDULER_NAMES)} (or their labels "
+            f"{[labels[0] for labels in SCHEDULER_NAMES.values()]})")
 
 
 def _colour(v: str) -> str | None:
@@ -190,25 +224,15 @@ def _colour(v: str) -> str | None:
 
 
 def _emphasis(v: str) -> str | None:
-    # lazy: --help must not import torch
-    from ..prompts import EMPHASIS_MODES
-
     return None if v in EMPHASIS_MODES else f"allowed: {', '.join(map(repr, EMPHASIS_MODES))}"
 
 
 def _hr_upscaler(v: str) -> str | None:
-    # lazy: --help must not import torch
-    from ..processing import StableDiffusionProcessingTxt2Img as P
-
-    allowed = [*P.LATENT_UPSCALERS, *P.PIXEL_UPSCALERS]
-    return None if v in allowed else f"allowed: {', '.join(map(repr, allowed))}"
+    return None if v in HR_UPSCALERS else f"allowed: {', '.join(map(repr, HR_UPSCALERS))}"
 
 
 def _randn_source(v: str) -> str | None:
-    # lazy: --help must not import torch
-    from ..rng import SOURCES
-
-    return None if v in SOURCES else f"allowed: {', '.join(map(repr, SOURCES))}"
+    return None if v in RANDN_SOURCES else f"allowed: {', '.join(map(repr, RANDN_SOURCES))}"
 
 
 NON_NEGATIVE = _between(0)
@@ -383,9 +407,51 @@ INFOTEXT_INFORMATIONAL = {"Model hash", "Model", "Version", "VAE hash", "VAE", "
 INFOTEXT_NONE = {"Use same sampler", "Use same scheduler", "Automatic"}
 
 
+# The processing dataclasses' fields and defaults (`sdcore.processing`), as literals: the parser's help shows them and
+# `processing_flags` reads which fields a command has, and importing processing would import torch.
+# tests/test_hostile_cli.py checks these equal `dataclasses.fields` of the classes (names, order, defaults).
+PROCESSING_CLASS_NAMES = {"img2img": "StableDiffusionProcessingImg2Img", "inpaint": "StableDiffusionProcessingImg2Img",
+                          "txt2img": "StableDiffusionProcessingTxt2Img"}
+OPTIONS_DEFAULTS = {
+    "img2img_fix_steps": False, "img2img_color_correction": False, "img2img_background_color": "#ffffff",
+    "inpainting_mask_weight": 1.0, "img2img_extra_noise": 0.0, "overlay_inpaint": True,
+    "initial_noise_multiplier": 1.0, "eta_noise_seed_delta": 0, "randn_source": "CPU", "eta_ancestral": 1.0,
+    "eta_ddim": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "s_min_uncond": 0.0,
+    "CLIP_stop_at_last_layers": 1, "emphasis": "Original", "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
+    "use_old_scheduling": False, "always_discard_next_to_last_sigma": False, "use_old_karras_scheduler_sigmas": False,
+    "save_to_dirs": True, "vae_encode_sample": True, "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6,
+}
+_COMMON_DEFAULTS = {  # StableDiffusionProcessing; "opts" defaults to Options() (OPTIONS_DEFAULTS)
+    "sd_model": None, "outpath_samples": None, "outpath_grids": None, "prompt": "", "prompt_for_display": None,
+    "negative_prompt": "", "styles": None, "seed": -1, "subseed": -1, "subseed_strength": 0,
+    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "seed_enable_extras": True, "sampler_name": None,
+    "scheduler": None, "batch_size": 1, "n_iter": 1, "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512,
+    "restore_faces": None, "tiling": None, "do_not_save_samples": False, "do_not_save_grid": False,
+    "extra_generation_params": None, "overlay_images": None, "eta": None, "do_not_reload_embeddings": False,
+    "denoising_strength": None, "ddim_discretize": None, "s_min_uncond": None, "s_churn": None, "s_tmax": None,
+    "s_tmin": None, "s_noise": None, "override_settings": None, "override_settings_restore_afterwards": True,
+    "sampler_index": None, "refiner_checkpoint": None, "refiner_switch_at": None, "token_merging_ratio": 0,
+    "token_merging_ratio_hr": 0, "disable_extra_networks": False, "firstpass_image": None, "comments": None,
+    "opts": OPTIONS_DEFAULTS,
+}
+_IMG2IMG_DEFAULTS = {
+    **_COMMON_DEFAULTS, "denoising_strength": 0.75, "init_images": None, "resize_mode": 0, "image_cfg_scale": None,
+    "mask": None, "mask_blur_x": 4, "mask_blur_y": 4, "mask_blur": None, "mask_round": True, "inpainting_fill": 0,
+    "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0,
+    "initial_noise_multiplier": None, "latent_mask": None, "force_task_id": None, "mask_blend": "a1111",
+}
+_TXT2IMG_DEFAULTS = {
+    **_COMMON_DEFAULTS, "denoising_strength": 0.75, "enable_hr": False, "firstphase_width": 0,
+    "firstphase_height": 0, "hr_scale": 2.0, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0,
+    "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
+    "hr_negative_prompt": "", "force_task_id": None,
+}
+PROCESSING_DEFAULTS = {"img2img": _IMG2IMG_DEFAULTS, "inpaint": _IMG2IMG_DEFAULTS, "txt2img": _TXT2IMG_DEFAULTS}
+
+
 def processing_class(command: str):
     """The processing dataclass a command fills."""
-    # lazy: keeps `import sdcore.cli` torch-free (but build_parser calls this, and processing imports torch)
+    # lazy: processing imports torch; only a run needs the class itself (the parser reads PROCESSING_DEFAULTS)
     from ..processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
 
     return StableDiffusionProcessingTxt2Img if command == "txt2img" else StableDiffusionProcessingImg2Img
@@ -394,15 +460,12 @@ def processing_class(command: str):
 def processing_flags(command: str = "img2img") -> tuple[Flag, ...]:
     """The flags of a command: FLAGS whose field its processing class has, plus a generic flag for any Options
     field added since the table was written."""
-    # lazy: keeps `import sdcore.cli` torch-free (but build_parser calls this, and processing imports torch)
-    from ..processing import Options
-
-    cls_fields = {f.name for f in dataclasses.fields(processing_class(command)) if f.init}
+    cls_fields = PROCESSING_DEFAULTS[command]
     mine = tuple(f for f in FLAGS if f.is_option or f.field in cls_fields)
     known = {f.field for f in FLAGS} | set(FIELDS_WITHOUT_FLAG)
-    extra = tuple(Flag(f"opts.{f.name}", type(f.default), f"A1111 option {f.name}")
-                  for f in dataclasses.fields(Options) if f"opts.{f.name}" not in known
-                  and type(f.default) in (bool, int, float, str))
+    extra = tuple(Flag(f"opts.{name}", type(default), f"A1111 option {name}")
+                  for name, default in OPTIONS_DEFAULTS.items() if f"opts.{name}" not in known
+                  and type(default) in (bool, int, float, str))
     return mine + extra
 
 
@@ -412,14 +475,11 @@ def field_default(flag: Flag, command: str = "img2img") -> Any:
         return COMMAND_DEFAULTS[command][flag.field]
     if flag.default is not FIELD_DEFAULT:
         return flag.default
-    # lazy: keeps `import sdcore.cli` torch-free (but build_parser calls this, and processing imports torch)
-    from ..processing import Options
-
-    cls, name = (Options, flag.field[5:]) if flag.is_option else (processing_class(command), flag.field)
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    raise KeyError(f"{flag.field} is not a field of {cls.__name__}")
+    table, name = (OPTIONS_DEFAULTS, flag.field[5:]) if flag.is_option else (PROCESSING_DEFAULTS[command], flag.field)
+    if name not in table:
+        owner = "Options" if flag.is_option else PROCESSING_CLASS_NAMES[command]
+        raise KeyError(f"{flag.field} is not a field of {owner}")
+    return table[name]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,7 +494,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_processing_flags(ap: argparse.ArgumentParser, command: str) -> None:
-    cls = processing_class(command).__name__
+    cls = PROCESSING_CLASS_NAMES[command]
     group = ap.add_argument_group(f"processing (one flag per field of {cls} / Options)")
     for flag in processing_flags(command):
         said = "default" in flag.help  # the help text explains the default itself
@@ -454,6 +514,16 @@ def _add_processing_flags(ap: argparse.ArgumentParser, command: str) -> None:
         else:
             kwargs["metavar"] = "TEXT" if flag.check is None else "NAME"
         group.add_argument(flag.flag, *flag.aliases, **kwargs)
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"invalid thread count: {text!r} (0 = auto, or 1 .. 1024)")
+    return value
 
 
 def _argparse_float(text: str, allow_inf: bool) -> float:
@@ -476,6 +546,9 @@ def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="UNet and text-encoder dtype (the VAE runs in float32)")
+    ap.add_argument("--threads", type=_threads, default=0, metavar="N", help="CPU threads of torch; default 0 = "
+                    "auto: 1 for small jobs (UNet rows x latent cells x model channels^2 <= 2**20, e.g. the bundled "
+                    "tiny model at 64 px), where more threads cost more than they save, else torch's default")
     ap.add_argument("--explain", action="store_true", help="print the plan (t_enc, sigmas, model calls, mask "
                     "coverage, crop region, seeds) without running the UNet; writes nothing")
     ap.add_argument("--from-infotext", type=Path, metavar="FILE", help="reuse the parameters of a PNG's A1111 "
@@ -506,6 +579,102 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file")
     info.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     sub.add_parser("samplers", help="list sampler names, aliases and default schedulers")
+    add_batch_parser(sub)
+    add_serve_parser(sub)
+    return ap
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `sdcore batch` (run by sdcore/batch.py) and `sdcore serve` (run by sdcore/server.py): their arguments live here so
+# that building the parser needs neither module (both import torch through processing).
+
+RESULTS_NAME = "results.csv"  # the batch results table, in --output-dir
+BATCH_COMMAND = "img2img"  # the batch rows' processing flags and defaults are img2img's
+
+BATCH_HELP = """\
+batch: img2img for every row of a manifest (CSV with a header line, or Parquet), one job per row.
+
+columns: image (required; init image file, relative to the manifest's folder), seed (required; integer >= 0),
+  mask (optional; mask file), output (optional; output name), and any img2img field by its A1111 name (prompt,
+  negative_prompt, denoising_strength, steps, sampler_name, cfg_scale, width, height, mask_blur, inpainting_fill,
+  ... = the flags below with _ for -; options as opts.<name> or <name>). Empty cells take the flags' values.
+
+outputs: OUTPUT_DIR/<row>-<image stem>-<seed>.png (row from 0, at least 5 digits; <name>-<k>.png for several images
+  per row; or the output column's name), PNGs with the A1111 infotext, never overwritten. Re-running the same
+  manifest skips the rows whose PNGs exist (resumable after an interruption or a crash).
+  OUTPUT_DIR/results.csv: row, path, seed, infotext, sha256, error, status, seconds, worker. A bad row (missing file,
+  bad value) is recorded there and the other rows go on; the exit status is then 1.
+
+--engine ray (pip install 'sdcore[ray]'): the rows run on a Ray actor pool, --workers actors that each load the
+  checkpoint once; --ray-address auto joins the cluster started with `ray start --head` / `ray start --address`
+  (inputs and OUTPUT_DIR on a filesystem every node mounts at the same path); without it a local Ray starts.
+"""
+
+
+def add_batch_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `batch` command to an argparse subparsers object (`sdcore.cli.flags.build_parser`'s); returns it.
+    The processing flags are the img2img command's (`_add_processing_flags`): they set every row's defaults."""
+    sp = subparsers.add_parser("batch", help="img2img for every row of a CSV/Parquet manifest (resumable; local or "
+                               "Ray)", description=BATCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("manifest", type=Path, help="CSV (header line) or .parquet manifest, one row per job")
+    sp.add_argument("--output-dir", type=Path, metavar="DIR", required=True,
+                    help="where the PNGs and results.csv go (created if missing)")
+    sp.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint .safetensors/.ckpt (LDM layout); "
+                    "default: the bundled tiny model")
+    sp.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file replacing the checkpoint's")
+    sp.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    sp.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps (with --engine ray and "
+                    "--gpus-per-worker, cuda is each actor's own GPU)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="UNet and text-encoder dtype (the VAE runs in float32)")
+    sp.add_argument("--from-infotext", type=Path, metavar="FILE", help="defaults for every row from a PNG's "
+                    "A1111 'parameters' text (or a .txt file); flags and cells win")
+    sp.add_argument("--results", default=RESULTS_NAME, metavar="NAME", help=f"results table file name in "
+                    f"--output-dir (default {RESULTS_NAME})")
+    sp.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: rows one after another in this process; ray: a Ray actor pool")
+    sp.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join: auto (this node's cluster), "
+                    "HOST:6379, ray://HOST:10001; default: RAY_ADDRESS, else a local Ray instance")
+    sp.add_argument("--workers", type=int, default=2, metavar="N", help="Ray actors (each loads the checkpoint "
+                    "once; default 2)")
+    sp.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="X", help="Ray CPUs per actor "
+                    "(default 1)")
+    sp.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="X", help="Ray GPUs per actor (default "
+                    "0; use with --device cuda)")
+    sp.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads of each worker: this process "
+                    "(local; default: torch's) or each Ray actor (default: --cpus-per-worker, at least 1). Small "
+                    "models on busy machines run fastest with 1")
+    sp.add_argument("--rows-per-batch", type=int, default=1, metavar="N", help="rows per Ray map_batches call "
+                    "(default 1)")
+    _add_processing_flags(sp, BATCH_COMMAND)
+    return sp
+
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860  # A1111's
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `serve` command to the sdcore parser's subparsers; returns its parser."""
+    ap = subparsers.add_parser(
+        "serve", help="AUTOMATIC1111-compatible web API over one model (needs sdcore[serve])",
+        description="Serve POST /sdapi/v1/txt2img and /sdapi/v1/img2img with A1111's request and response fields "
+                    "(also GET /sdapi/v1/samplers, /schedulers, /sd-models; the schema at /docs). The model is "
+                    "loaded once; requests run one at a time in arrival order. A bad field is a 422 naming it.")
+    ap.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint .safetensors/.ckpt (LDM layout); "
+                    "default: the bundled tiny model")
+    ap.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file replacing the checkpoint's")
+    ap.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="UNet and text-encoder dtype (the VAE runs in float32)")
+    ap.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 "
+                    "for every interface: there is no authentication)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}, A1111's)")
+    ap.add_argument("--outdir", type=Path, default=None, help="where requests with save_images=true write PNGs "
+                    "(<outdir>/<txt2img|img2img>-images/<date>/); without it they get a 422")
+    ap.add_argument("--ignore-unknown-fields", action="store_true", help="ignore request fields A1111's API does "
+                    "not have, as A1111 does (default: 422 naming them)")
     return ap
 
 
@@ -522,9 +691,22 @@ def _checked(flag: Flag, value: Any, source: str) -> Any:
     return value
 
 
+def check_readable(path: Path, arg: str) -> None:
+    """UsageError naming `arg` unless `path` is a file this process can open and read (checked before decoding, so
+    a missing file is refused without importing anything heavy)."""
+    if path.is_dir():
+        raise UsageError(f"{arg}: {path} is a folder, not a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UsageError(f"{arg}: cannot read {path} ({e.strerror or e.__class__.__name__})") from e
+
+
 def read_infotext_file(path: Path) -> str:
     """The A1111 "parameters" text of a PNG (or the whole of a .txt file). UsageError if unreadable or absent."""
     arg = f"--from-infotext {path}"
+    check_readable(path, "--from-infotext")
     if path.suffix.lower() == ".txt":
         try:
             if path.stat().st_size > MAX_INFOTEXT_BYTES:
@@ -558,16 +740,14 @@ def values_from_infotext(text: str, flags: tuple[Flag, ...], source: str = "--fr
     by_key = {f.infotext: f for f in flags if f.infotext}
     values: dict[str, Any] = {"enable_hr": hires} if "enable_hr" in fields else {}
     unused = []
-    if "mask_blend" in fields:
-        from ..sampling.blends import MASK_BLEND_KEY, SOFT_INPAINTING_ENABLED_LABEL, SOFT_INPAINTING_LABELS, \
-            blend_from_infotext  # lazy: the blends module imports torch
-        blend_keys = {MASK_BLEND_KEY, SOFT_INPAINTING_ENABLED_LABEL, *SOFT_INPAINTING_LABELS.values()}
-        if blend_keys & set(params):
-            try:
-                values["mask_blend"] = blend_from_infotext(params)
-            except ValueError as e:
-                raise UsageError(f"{source}{e}") from None
-            params = {k: v for k, v in params.items() if k not in blend_keys}
+    if "mask_blend" in fields and BLEND_INFOTEXT_KEYS & set(params):
+        from ..sampling.blends import blend_from_infotext  # lazy: the blends module imports torch
+
+        try:
+            values["mask_blend"] = blend_from_infotext(params)
+        except ValueError as e:
+            raise UsageError(f"{source}{e}") from None
+        params = {k: v for k, v in params.items() if k not in BLEND_INFOTEXT_KEYS}
     for key, raw in params.items():
         if key == "Mask blur" and "mask_blur_x" in fields:
             values["mask_blur_x"] = values["mask_blur_y"] = _parse_infotext_value(fields["mask_blur_x"], key, raw,
@@ -621,16 +801,25 @@ def resolve_values(args: argparse.Namespace, flags: tuple[Flag, ...]) -> tuple[d
 
 
 def open_image(path: Path, arg: str):
-    """Read an image file fully into memory. UsageError naming `arg` for anything Pillow cannot or should not read.
+    """Read an image file fully into memory, turned as a viewer shows it. UsageError naming `arg` for anything Pillow
+    cannot or should not read.
 
-    Decompression bombs (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels) are refused, not just warned about.
+    The EXIF Orientation is applied (`sdcore.images.upright`, as A1111's `images.read` / `fix_image`), so a phone
+    photo stored sideways comes back upright and the size checks between init image, mask and latent mask compare
+    what the user sees; pixel values are left to `images.flatten` / `create_binary_mask` (16-bit, float, palette).
+    An unparsable EXIF block is ignored. Decompression bombs (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels) are
+    refused, not just warned about.
     """
+    from ..images import upright  # lazy: sdcore.images imports torch
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return im.copy()
+                # upright() reads TIFF orientation from the open file, so it runs before the copy.
+                turned = upright(im)
+                return im.copy() if turned is im else turned
     # A decoder of hostile bytes can raise nearly anything (OSError, SyntaxError, ValueError, EOFError, struct.error,
     # DecompressionBomb*); all mean "not a usable image".
     except Exception as e:  # noqa: BLE001

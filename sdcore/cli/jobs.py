@@ -1,17 +1,21 @@
-"""One job of a run: its input files (`Task`, the batch folders), reading them, and the processing object built
-from the resolved flag values. Used by the commands and by the --explain dry run."""
+"""One job of a run: its input files (`Task`, the batch folders), reading them, the processing object built from the
+resolved flag values, and `prepare_run`, every check of a generate command that needs no model.
+
+Importing this module does not import torch (`make_processing` imports processing on use), so `sdcore.cli.main` can
+refuse bad arguments and unreadable files, and skip a finished batch, before torch or the model loads.
+"""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from ..processing import Options
-from .flags import UsageError, open_image, processing_class
-
+from ..files import checkpoint_path_problem
+from .flags import UsageError, check_readable, open_image, processing_class, processing_flags, resolve_values
 
 @dataclass
 class Task:
@@ -71,6 +75,8 @@ def batch_tasks(input_dir: Path, mask_dir: Path | None, output_dir: Path | None,
 def make_processing(sd, values: dict[str, Any], command: str, init=None, mask=None, latent_mask=None,
                     outdir: Path | None = None):
     """The command's processing object from resolved flag values (width/height None -> the model's native size)."""
+    from ..processing import Options  # lazy: processing imports torch (see the module docstring)
+
     fields = {k: v for k, v in values.items() if not k.startswith("opts.")}
     opts = Options(**{k[5:]: v for k, v in values.items() if k.startswith("opts.")})
     size = sd.family.native_size
@@ -79,6 +85,18 @@ def make_processing(sd, values: dict[str, Any], command: str, init=None, mask=No
         fields.update(init_images=[init], mask=mask, latent_mask=latent_mask)
     return processing_class(command)(sd_model=sd, opts=opts, outpath_samples=None if outdir is None else str(outdir),
                                      **fields)
+
+
+def _input_files(task: Task, values: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(file, argument) of every image a task reads."""
+    files = []
+    if task.init is not None:
+        files.append((task.init, f"--input-dir {task.init.name}" if task.batch else "init"))
+    if task.mask is not None:
+        files.append((task.mask, f"--mask-dir {task.mask.name}" if task.batch else "--mask"))
+    if values.get("latent_mask"):
+        files.append((values["latent_mask"], "--latent-mask"))
+    return files
 
 
 def _open_inputs(task: Task, values: dict[str, Any]):
@@ -101,3 +119,88 @@ def _check_processing(p) -> None:
     if getattr(p, "latent_mask", None) is not None and p.latent_mask.size != (p.width, p.height):
         raise UsageError(f"--latent-mask: size {p.latent_mask.size[0]}x{p.latent_mask.size[1]}; must be the "
                          f"processing size {p.width}x{p.height}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Everything that can be checked before a model loads
+
+
+def check_run_args(args, values: dict[str, Any]) -> None:
+    """The run flags that go together (init or --input-dir, --output-dir with batches, --trace's file, ...)."""
+    if args.trace is not None:
+        if getattr(args, "input_dir", None) is not None:
+            raise UsageError("--trace: records one job; not with --input-dir")
+        if args.trace.suffix != ".safetensors":
+            raise UsageError(f"--trace: {args.trace}; the file name must end in .safetensors")
+        if args.trace.exists():
+            raise UsageError(f"--trace: {args.trace} exists; traces are never overwritten")
+        if not args.trace.parent.is_dir():
+            raise UsageError(f"--trace: folder {args.trace.parent} does not exist")
+    for flag, folder in (("--outdir", args.outdir), ("--output-dir", getattr(args, "output_dir", None))):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise UsageError(f"{flag}: {folder} exists and is not a folder")
+    if args.command == "txt2img":
+        return
+    batch = args.input_dir is not None
+    if batch and args.init is not None:
+        raise UsageError(f"init: {args.init}; give an init image or --input-dir, not both")
+    if not batch and args.init is None:
+        raise UsageError("init: missing; give an init image file or --input-dir DIR")
+    if batch and args.output_dir is None and not args.explain:
+        raise UsageError("--output-dir: missing; batch mode (--input-dir) writes <stem>.png files there")
+    if not batch and (args.output_dir is not None or args.mask_dir is not None):
+        flag = "--output-dir" if args.output_dir is not None else "--mask-dir"
+        raise UsageError(f"{flag}: only with --input-dir (single images go to --outdir)")
+    if batch and args.outdir is not None:
+        raise UsageError("--outdir: not with --input-dir (batch outputs go to --output-dir)")
+    if batch and values["mask"] is not None:
+        raise UsageError("--mask: not with --input-dir (use --mask-dir)")
+    if args.command == "inpaint" and values["mask"] is None and args.mask_dir is None:
+        raise UsageError("--mask: inpaint needs a mask (--mask FILE, or --mask-dir with --input-dir)")
+    if values["latent_mask"] is not None and values["mask"] is None and args.mask_dir is None:
+        raise UsageError("--latent-mask: only used together with a mask (--mask)")
+
+
+@dataclass
+class Run:
+    """A generate command after every check that needs no model: resolved values, the tasks, the ones to do."""
+
+    command: str  # the processing command: "img2img" (img2img, inpaint) or "txt2img"
+    values: dict[str, Any]
+    tasks: list[Task]
+    todo: list[Task]
+    batch: bool
+
+
+def prepare_run(args) -> Run:
+    """Resolve and check the values, list the tasks, and check every file a run reads (the checkpoint and VAE are
+    readable files; every init image, mask and latent mask decodes, with matching sizes), all before any model
+    loads. Prints a "skip:" line for each batch input whose outputs exist and the infotext keys that set nothing.
+    Raises UsageError naming the argument."""
+    values, unused = resolve_values(args, processing_flags(args.command))
+    check_run_args(args, values)
+    command = "txt2img" if args.command == "txt2img" else "img2img"
+    batch = getattr(args, "input_dir", None) is not None
+    if batch:
+        tasks = batch_tasks(args.input_dir, args.mask_dir, args.output_dir, values["batch_size"] * values["n_iter"])
+    else:
+        tasks = [Task(getattr(args, "init", None), values.get("mask"))]
+    todo = [t for t in tasks if args.explain or not t.done]
+    for t in tasks:
+        if t not in todo:
+            print(f"skip: {t.init.name}: {', '.join(str(p) for p in t.outputs)} exist", file=sys.stderr)
+    if unused:
+        print(f"sdcore: note: infotext keys not used: {', '.join(unused)}", file=sys.stderr)
+    if todo:
+        for path, arg in ((args.ckpt, "--ckpt"), (args.vae, "--vae")):
+            problem = None if path is None else checkpoint_path_problem(path)
+            if problem:
+                raise UsageError(f"{arg}: {problem}")
+            if path is not None:
+                check_readable(path, arg)
+    for task in todo:
+        for path, arg in _input_files(task, values):
+            check_readable(path, arg)
+    for task in todo:
+        _open_inputs(task, values)  # decoded once here so that a bad file stops the run before the model loads
+    return Run(command, values, tasks, todo, batch)

@@ -12,7 +12,8 @@ ensure_venv() {
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
     if [ "$extra" = "test" ]; then
-      .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+      # the test extra plus the optional engines the tests exercise: the HTTP API (serve) and Ray Data (ray)
+      .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,serve,ray]"
       # Oracle only: k-diffusion's sampling.py needs torch, scipy, torchsde, torchdiffeq, tqdm; its package
       # dependencies (wandb, clip, accelerate, ...) are not needed, hence --no-deps (version from constraints.txt).
       .venv/bin/python -m pip install -q -c constraints.txt --no-deps k-diffusion

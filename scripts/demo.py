@@ -43,7 +43,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if not args.ckpt.is_file():
-        ap.error(f"--ckpt: {args.ckpt} does not exist (the bundled model is weights/sdcore-tiny.safetensors)")
+        ap.error(f"--ckpt: {args.ckpt} does not exist (the bundled model is sdcore/weights/sdcore-tiny.safetensors)")
     sd = sdcore.load_checkpoint(args.ckpt)
     size = sd.family.native_size
     photo = Image.fromarray(data.astronaut()).resize((size, size), Image.LANCZOS)

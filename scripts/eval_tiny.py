@@ -13,7 +13,7 @@
    `sdcore.process_images` (whole picture, mask blur 0, original fill, denoising 1.0), 8 seeds: share of red pixels
    (nearest palette colour) inside the mask, and the largest change of any pixel outside it (must be 0).
 
-Usage: python scripts/eval_tiny.py [--ckpt weights/sdcore-tiny.safetensors] [--json out.json] [--samples out.png]
+Usage: python scripts/eval_tiny.py [--ckpt sdcore/weights/sdcore-tiny.safetensors] [--json out.json] [--samples out.png]
        python scripts/eval_tiny.py --plot runs/tiny --out weights/loss_curves.png   (loss curves only)
 """
 from __future__ import annotations
@@ -227,7 +227,7 @@ def grid(images: np.ndarray, cols: int) -> Image.Image:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", default=str(ROOT / "weights" / "sdcore-tiny.safetensors"))
+    ap.add_argument("--ckpt", default=str(ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"))
     ap.add_argument("--json", default=None, help="also write the metrics here")
     ap.add_argument("--samples", default=None, help="PNG grid: prompt-following samples, then inpainting results")
     ap.add_argument("--plot", default=None, help="workdir of train_tiny.py: only plot its loss curves to --out")

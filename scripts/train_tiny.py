@@ -13,7 +13,7 @@ step number, so a rerun with the same arguments gives the same weights up to CPU
   unet     eps-prediction DDPM on the scaled latents with SD's scaled-linear alphas_cumprod (so CompVisDenoiser and
            every sampler apply unchanged), Min-SNR-5 loss weights (Hang et al. 2023, "Efficient Diffusion Training
            via Min-SNR Weighting Strategy"), 10 % empty captions (classifier-free guidance), EMA.
-  export   weights/sdcore-tiny.safetensors in the LDM layout (model.diffusion_model.*, first_stage_model.*,
+  export   sdcore/weights/sdcore-tiny.safetensors in the LDM layout (model.diffusion_model.*, first_stage_model.*,
            cond_stage_model.transformer.text_model.* via open_clip_to_hf, alphas_cumprod). Runs with whatever phases
            have finished (an untrained UNet is exported as initialised).
 
@@ -319,7 +319,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["vae", "latents", "unet", "export", "all"])
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
-    ap.add_argument("--out", default=str(ROOT / "weights" / "sdcore-tiny.safetensors"))
+    ap.add_argument("--out", default=str(ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is fastest on a shared, oversubscribed CPU (2 threads spin-wait on each other)")

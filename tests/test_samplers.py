@@ -319,11 +319,12 @@ def _brownian(x, seeds):
     return S.BrownianTreeNoiseSampler(x, SIGMA_MIN, SIGMA_MAX, seeds=seeds)
 
 
-# torchsde rounds its interval ends and warns when a query at sigma_min/sigma_max lands a rounding error outside
-BROWNIAN_WARNINGS = pytest.mark.filterwarnings("ignore:Should have t[ab]")
+# torchsde rounds its interval ends and warns when a query at sigma_min/sigma_max lands a rounding error outside;
+# sdcore's BrownianTreeNoiseSampler clamps those queries first, k-diffusion's (the oracle) does not
+K_BROWNIAN_WARNINGS = pytest.mark.filterwarnings("ignore:Should have t[ab]")
 
 
-@BROWNIAN_WARNINGS
+@pytest.mark.filterwarnings("error:Should have t[ab]")
 @pytest.mark.parametrize("case", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde-heun", "dpmpp_3m_sde"])
 def test_batch_independence_brownian(case):
     function, options = STOCHASTIC[case]
@@ -331,7 +332,7 @@ def test_batch_independence_brownian(case):
     assert float((batch - alone).abs().max()) <= 1e-12
 
 
-@BROWNIAN_WARNINGS
+@K_BROWNIAN_WARNINGS
 def test_brownian_noise_matches_k_diffusion():
     """Same seeds -> the same per-image Brownian trees as k-diffusion's BrownianTreeNoiseSampler (list of seeds)."""
     x = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
@@ -342,6 +343,32 @@ def test_brownian_noise_matches_k_diffusion():
     assert all(torch.equal(a, b) for a, b in draws)
     z = torch.stack([a for a, _ in draws])
     assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 1.5  # unit-variance increments
+
+
+@pytest.mark.parametrize("function", [S.sample_dpmpp_sde, S.sample_dpmpp_2m_sde, S.sample_dpmpp_3m_sde])
+def test_brownian_rounding_clamped_silently_same_draws(function, recwarn):
+    """A float32 SD1 schedule as the CLI builds it: torchsde stores the tree's ends rounded to 6 decimals (0.029168,
+    14.614643 vs sigma_min 0.0291675385, sigma_max 14.6146431), so k-diffusion's sampler (sdcore's before the clamp)
+    warns "Should have ta>=t0 / tb<=t1" at both ends and torchsde clamps. sdcore clamps first: the same samples
+    bit for bit, and no warning."""
+    sigmas = K.get_sigmas_karras(STEPS, 0.0291675366461277, 14.614642).float()  # the tiny/SD1 model's float32 range
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * sigmas[0]
+    with pytest.warns(UserWarning, match="Should have t[ab]"):
+        before = function(GM, x.clone(), sigmas, disable=True,
+                          noise_sampler=K.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=[5, 6]))
+    recwarn.clear()
+    ours = S.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seeds=[5, 6])
+    after = function(GM, x.clone(), sigmas, disable=True, noise_sampler=ours)
+    assert not [w for w in recwarn if "Should have" in str(w.message)]
+    assert torch.equal(before, after)
+    assert (ours.start, ours.end) == (ours.trees[0]._interval._start, ours.trees[0]._interval._end)  # torchsde's ends
+
+
+def test_brownian_far_outside_query_still_reaches_torchsde():
+    """Only rounding-sized excursions are clamped: a query well outside the interval keeps torchsde's warning."""
+    ours = S.BrownianTreeNoiseSampler(torch.zeros(1, 4), 0.1, 10.0, seeds=[1])
+    with pytest.warns(UserWarning, match="Should have tb<=t1"):
+        ours(5.0, 10.5)
 
 
 def test_brownian_seed_count_must_match_batch():

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import tiny_data  # noqa: E402
 
-CKPT = ROOT / "weights" / "sdcore-tiny.safetensors"
+CKPT = ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"
 
 
 def test_scenes_are_deterministic_and_captioned():
@@ -94,7 +94,7 @@ def test_training_text_features_equal_inference_encoding():
     assert torch.equal(te(tokens).hidden, encode_prompts(te, tok, caps))
 
 
-@pytest.mark.skipif(not CKPT.exists(), reason="weights/sdcore-tiny.safetensors not committed yet")
+@pytest.mark.skipif(not CKPT.exists(), reason="sdcore/weights/sdcore-tiny.safetensors not committed yet")
 def test_committed_checkpoint_loads_as_tiny():
     from sdcore.checkpoint import load_checkpoint
     from sdcore.families import TINY

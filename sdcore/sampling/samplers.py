@@ -754,9 +754,17 @@ class BrownianTreeNoiseSampler:
     A1111 additionally routes torchsde's internal draws through its RNG source; on the CPU source with float32 that
     is the same stream as torchsde's own (a CPU generator seeded per node).
 
+    Query times are clamped into the tree's interval when they lie outside it by a rounding error only: torchsde
+    stores the ends rounded to 6 decimals (`round(t, -log10(tol))`, tol 1e-6), so a query at the schedule's own
+    float32 sigma_min 0.0291675 (0.02916753...) lies below the stored 0.029168, and torchsde warned "Should have
+    ta>=t0 but got ..." on every such query, then clamped it to that same end. Clamping first gives the same draws
+    without the warning; a query farther outside still reaches torchsde (and its warning).
+
     Args: x [B, ...] (shape, dtype, device of the draws); sigma_min, sigma_max > 0 the interval queried later;
     seeds: list of B ints. Raises ValueError on a wrong seed count or an empty interval.
     """
+
+    DECIMALS = 6  # torchsde's BrownianInterval keeps its times at round(t, -int(log10(tol))), tol = 1e-6 (default)
 
     def __init__(self, x: torch.Tensor, sigma_min, sigma_max, seeds: list[int], transform=lambda sigma: sigma):
         if len(seeds) != x.shape[0]:
@@ -768,10 +776,23 @@ class BrownianTreeNoiseSampler:
         t0, t1, self.sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
         w0 = torch.zeros_like(x[0])
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(seed)) for seed in seeds]
+        self.start, self.end = round(float(t0), self.DECIMALS), round(float(t1), self.DECIMALS)  # the trees' ends
+
+    def _clamp(self, t: float) -> float:
+        """t moved onto the tree's nearer end when outside it by at most a rounding error (of the 6-decimal ends,
+        0.5e-6, or of float32 sigmas, a few ulp); otherwise unchanged."""
+        slack = 10.0 ** -self.DECIMALS + 1e-6 * abs(t)
+        if self.start - slack <= t < self.start:
+            return self.start
+        if self.end < t <= self.end + slack:
+            return self.end
+        return t
 
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         t0, t1 = self.transform(torch.as_tensor(sigma)), self.transform(torch.as_tensor(sigma_next))
         lo, hi, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        # torchsde reads the times as float(t); clamped here as it would clamp them, minus its warning (class doc)
+        lo, hi = self._clamp(float(lo)), self._clamp(float(hi))
         w = torch.stack([tree(lo, hi) for tree in self.trees]) * (self.sign * sign)  # [B, ...]
         return w / (t1 - t0).abs().sqrt()
 

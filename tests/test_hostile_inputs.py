@@ -327,3 +327,40 @@ def test_pixels_outside_the_mask_are_the_inputs_after_the_overlay(sd1_tiny, case
         keep = np.asarray(images.resize_image(case["resize_mode"], mask, *size).convert("L")) == 0
     assert out.shape == expected.shape
     np.testing.assert_array_equal(out[keep], expected[keep])
+
+
+# -- files that are not images, decompression bombs ----------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+                                     b"GIF89a" + b"\xff" * 10])
+def test_a_file_that_is_not_an_image_is_one_line_exit_2(tmp_path, capsys, payload):
+    """Hostile bytes under an image name: exit 2, one line naming the argument, nothing written."""
+    from sdcore.cli import main
+
+    bad = tmp_path / "photo.png"
+    bad.write_bytes(payload)
+    out = tmp_path / "out"
+    code = main(["img2img", str(bad), "--outdir", str(out), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("sdcore: error: init: cannot read image"), err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, capsys, monkeypatch):
+    """An image above Pillow's MAX_IMAGE_PIXELS is refused (not just warned about) with one line, exit 2."""
+    from PIL import Image as PILImage
+
+    from sdcore.cli import main
+
+    bomb = tmp_path / "bomb.png"
+    PILImage.new("L", (64, 64)).save(bomb)  # small file; the limit is lowered so that it counts as a bomb
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)  # > 2x the limit: DecompressionBombError
+    out = tmp_path / "out"
+    code = main(["img2img", str(bomb), "--outdir", str(out), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read image" in err and "DecompressionBomb" in err and err.count("\n") == 1, err
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # between 1x and 2x: only a warning in Pillow
+    code = main(["img2img", str(bomb), "--outdir", str(out), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "DecompressionBombWarning" in err, err
+    assert not out.exists()

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import resources
@@ -28,16 +26,6 @@ from ..sampling.samplers import SAMPLERS, TraceRecorder
 from .explain import explain
 from .flags import DEFAULT_OUTDIRS, UsageError
 from .jobs import Run, Task, _check_processing, _open_inputs, make_processing, prepare_run
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files
-
-
-def _save_png(image, infotext: str) -> Callable[[Path], None]:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext)
-    return lambda tmp: image.save(tmp, format="PNG", pnginfo=info)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Memory, from the checkpoint's header
@@ -146,7 +134,7 @@ def run_generate(args, run: Run | None = None) -> int:
 
 
 def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path | None, trace: Path | None) -> None:
-    """Run one job; print the saved paths. Batch tasks write only their missing outputs."""
+    """Run one single-image job (the folder batch runs `batch.run_manifest`); print the saved paths."""
     p = make_processing(sd, values, command, *_open_inputs(task, values), outdir=outdir)
     recorder = None
     if trace is not None:
@@ -154,15 +142,6 @@ def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path 
     processed = process_images(p, model_callback=recorder, disable_progress=None)
     for path in processed.paths:
         print(path)
-    if task.batch:
-        task.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-        for path, image, text in zip(task.outputs, processed.images, processed.infotexts):
-            try:
-                write_new_file(path, _save_png(image, text))
-            except FileExistsError:  # written meanwhile (another run on the same folders): keep it
-                print(f"skip: {path} exists", file=sys.stderr)
-                continue
-            print(path)
     if recorder is not None:
         sampler, scheduler = p.resolve_sampler()
         meta = {"index": "model call", "command": command, "sampler": sampler.name, "scheduler": str(scheduler),

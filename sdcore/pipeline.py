@@ -223,7 +223,7 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
                      disable_progress=disable_progress)
     if ctx is not None:
         samples = blend.final(samples, ctx)
-    final_model = refiner.model if refiner is not None and record.refiner_switch_call is not None else model
+    final_model = model_in_use(model, refiner, record)
     overlays = prep.overlay_images if masking.overlay else None
     if overlays is not None and ctx is not None:
         overlays = blend.overlays(overlays, prep.originals, samples, ctx, width, height, prep.paste_to)
@@ -265,7 +265,7 @@ def txt2img(model: StableDiffusionModel, prompts: list[str], negative_prompts: l
     samples = sample(model, sampler, x, record, conds, cfg_scale=cfg_scale, image_cond=image_cond, blend=None,
                      ctx=None, noise_rng=noise_rng, seeds=seeds, options=options, refiner=refiner,
                      refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
-    final_model = refiner.model if refiner is not None and record.refiner_switch_call is not None else model
+    final_model = model_in_use(model, refiner, record)
     pictures = decode(final_model, samples.to(device)) if decode_images else []
     plan = Plan([record], list(seeds.seeds), list(seeds.subseeds))
     return Result(pictures, samples, plan, final_model, image_conditioning=image_cond)
@@ -313,7 +313,7 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
     samples = sample(model, sampler, x, record, conds, cfg_scale=cfg_scale, image_cond=image_cond, blend=None,
                      ctx=None, noise_rng=noise_rng, seeds=seeds, options=options, refiner=refiner,
                      refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
-    final_model = refiner.model if refiner is not None and record.refiner_switch_call is not None else model
+    final_model = model_in_use(model, refiner, record)
     plan = Plan([record], batch_seeds, list(seeds.subseeds))
     return Result(decode(final_model, samples.to(device)), samples, plan, final_model, init_latent=init_latent,
                   image_conditioning=image_cond)
@@ -548,8 +548,8 @@ def sample(model: StableDiffusionModel, sampler: SamplerInfo, x: Tensor, record:
 
     def non_finite(what: str, x_in: Tensor | None, step: int) -> FloatingPointError:
         """The error for the first non-finite value; x_in = the latent the failing model call received."""
-        switched = refiner is not None and record.refiner_switch_call is not None
-        unet, step_conds = (refiner.model, refiner_conds) if switched else (model, conds)
+        unet = model_in_use(model, refiner, record)
+        step_conds = conds if unet is model else refiner_conds
         notes = [f"{what} with cfg_scale {cfg_scale:g}, UNet dtype {str(unet.dtype).removeprefix('torch.')}"]
         explained = False
         if x_in is not None and not finite(x_in):
@@ -642,6 +642,11 @@ def refiner_switch(first: Callable[..., Tensor], then: Callable[..., Tensor], sw
         return then(x, sigma, step=step, **kwargs)
 
     return call
+
+
+def model_in_use(model: StableDiffusionModel, refiner: Refiner | None, record: SamplingPass) -> StableDiffusionModel:
+    """The model running now (and at the end of a pass): the refiner once `refiner_switch` has switched to it."""
+    return refiner.model if refiner is not None and record.refiner_switch_call is not None else model
 
 
 def traced(denoiser: Callable[..., Tensor], record: SamplingPass,

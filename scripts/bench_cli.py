@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-GOALS = {"help": 0.5, "error": 0.5, "img2img": 2.5, "load": 0.5}
+GOALS = {"help": 0.5, "error": 0.5, "img2img": 2.5, "load": 0.5, "info_rss": 300}
 
 
 def _child(argv: list[str], cwd: Path | None = None) -> dict:
@@ -97,6 +97,12 @@ def bench_start(repeats: int) -> None:
     runs = [[float(x) for x in _child([sys.executable, "-c", code])["out"].split()] for _ in range(repeats)]
     _, _, load_s = (statistics.median(r[i] for r in runs) for i in range(3))
     _line("tiny model load_checkpoint", load_s, GOALS["load"])
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "big.safetensors"
+        _sparse_checkpoint(big, 4 << 30)
+        run = _child([*_sdcore(), "info", str(big)])
+        _line("sdcore info, 4 GiB file, peak RSS", run["rss_mib"], GOALS["info_rss"], "MiB",
+              extra=f"wall {run['wall']:.1f} s (hashing), exit {run['rc']}")
     print("where a cold run's time goes (imports, each after the ones above it):")
     code = ("import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter();"
             "import open_clip.tokenizer; t2 = time.perf_counter();"
@@ -105,6 +111,24 @@ def bench_start(repeats: int) -> None:
     names = ("import torch", "import open_clip (models/text.py)", "import the rest of sdcore.cli.commands")
     for i, name in enumerate(names):
         _line(name, statistics.median(r[i] for r in runs), None)
+
+
+def _sparse_checkpoint(path: Path, n_bytes: int) -> None:
+    """The bundled model plus a zero `model_ema.big` float32 tensor of `n_bytes` (dropped as an EMA copy), sparse."""
+    import json
+    import struct
+
+    from sdcore.cli import DEFAULT_CKPT
+
+    data = Path(DEFAULT_CKPT).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    header["model_ema.big"] = {"dtype": "F32", "shape": [n_bytes // 4], "data_offsets": [len(body), len(body) + n_bytes]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + body)
+        f.truncate(8 + len(text) + len(body) + n_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ standard deviation of k-diffusion's x = x0 + sigma * eps; t = DDPM timestep in [
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from PIL import Image
 
 from . import images, rng
 from .checkpoint import StableDiffusionModel
+from .embeddings import Embedding, as_lookup
 from .plan import Plan, SamplingPass
 from .prompts import (get_learned_conditioning, get_multicond_learned_conditioning, reconstruct_cond_batch,
                       reconstruct_multicond_batch)
@@ -103,11 +104,13 @@ class SamplerOptions:
 
 @dataclass(frozen=True)
 class TextOptions:
-    """Prompt encoding (a1111-semantics §11): CLIP skip (1 = last layer), emphasis mode, old editing timelines."""
+    """Prompt encoding (a1111-semantics §11): CLIP skip (1 = last layer), emphasis mode, old editing timelines, and
+    the textual-inversion embeddings the prompts may name (a1111-semantics §20, `sdcore.embeddings`; None = none)."""
 
     clip_skip: int = 1
     emphasis: str = "Original"
     use_old_scheduling: bool = False
+    embeddings: Mapping[str, Embedding] | None = None
 
 
 @dataclass(frozen=True)
@@ -446,10 +449,13 @@ def encode_conds(model: StableDiffusionModel, prompts: list[str], negative_promp
 
     Schedules are laid out on `total_steps` model calls (the sampler's `total_steps(steps)`: x2 for second-order
     samplers); `hires_steps` is the hires pass's count. The negative prompts go through A1111's negative flag
-    (SDXL: zeroed empty negative, refiner: low aesthetic score)."""
+    (SDXL: zeroed empty negative, refiner: low aesthetic score). Textual-inversion embeddings come from
+    `text.embeddings`."""
+    lookup = as_lookup(text.embeddings, model.tokenizer)  # the names are tokenised once for the whole batch
+
     def encoder(is_negative: bool):
         return lambda texts: model.encode_texts(texts, clip_skip=text.clip_skip, emphasis=text.emphasis, width=width,
-                                                height=height, is_negative_prompt=is_negative)
+                                                height=height, is_negative_prompt=is_negative, embeddings=lookup)
 
     kw = dict(hires_steps=hires_steps, use_old_scheduling=text.use_old_scheduling)
     uc = get_learned_conditioning(encoder(True), negative_prompts, total_steps, **kw)

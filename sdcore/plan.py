@@ -182,7 +182,7 @@ def _numbers(values, fmt: str = "{:.4f}") -> str:
 
 
 def _calls_lines(dry: DryRun, name: str, record: SamplingPass, calls: list[tuple[int, float]]) -> list[str]:
-    p, n_batches = dry.p, len(dry.processed.plans)
+    n_batches = len(dry.processed.plans)
     rows = sum(r for r, _ in calls)
     note = " (DPM adaptive: the count depends on the model's outputs)" if record.sampler == "DPM adaptive" else ""
     lines = [f"{name}model calls: {len(calls)} per batch x {n_batches} batch(es); UNet rows per batch: {rows} "

@@ -12,7 +12,8 @@ Syntax, in the order it is applied:
 3. Emphasis (11.2): `(a)` x1.1, `[a]` /1.1, `(a:1.3)`, escapes `\\(`; `BREAK` -> per-token multipliers and chunk
    breaks (`parse_prompt_attention`).
 4. CLIP (11.4): 75-token chunks (BOS + 75 + EOS = 77 ids) with comma backtracking, each encoded separately and
-   concatenated -> [B, 77*k, C] (`encode_prompts`).
+   concatenated -> [B, 77*k, C] (`encode_prompts`). Textual-inversion embeddings (§20, `sdcore.embeddings`) are
+   found by name here and their vectors replace the name's token embeddings.
 5. Per family (`encode_family_conditioning`): SD1/SD2 -> that tensor; SDXL -> {"c_crossattn": both encoders'
    outputs side by side, "y": pooled text + size/crop/aesthetic embeddings} (A1111 `sd_models_xl.py`).
 
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from sdcore.embeddings import Embedding, EmbeddingLookup, as_lookup, embedding_keys
 from sdcore.families import Family
 from sdcore.models.text import TextEncoder
 from sdcore.models.unet import timestep_embedding
@@ -431,12 +433,23 @@ def get_multicond_prompt_list(prompts: Sequence[str]) -> tuple[list[list[tuple[i
 # ------------------------------------------------------------------------------------- 11.4 chunks, encoding
 
 
+@dataclass(frozen=True)
+class PromptChunkFix:
+    """Textual inversion: `embedding`'s vectors go to rows offset + 1 ... offset + n of the chunk's 77 (after BOS);
+    `offset` counts the chunk's prompt tokens before it (A1111 `PromptChunkFix`, a1111-semantics §20)."""
+
+    offset: int
+    embedding: Embedding
+
+
 @dataclass
 class PromptChunk:
-    """One CLIP input: 77 token ids (BOS, 75 prompt/padding tokens, EOS) and one emphasis multiplier per id."""
+    """One CLIP input: 77 token ids (BOS, 75 prompt/padding tokens, EOS), one emphasis multiplier per id, and the
+    embeddings placed in it (`fixes`; their rows hold token id 0, as in A1111)."""
 
     tokens: list[int] = field(default_factory=list)
     multipliers: list[float] = field(default_factory=list)
+    fixes: list[PromptChunkFix] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -466,7 +479,9 @@ def empty_chunk(tokenizer) -> PromptChunk:
 
 
 def tokenize_line(line: str, tokenizer, emphasis: str = "Original",
-                  comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> tuple[list[PromptChunk], int]:
+                  comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
+                  embeddings: Mapping[str, Embedding] | EmbeddingLookup | None = None
+                  ) -> tuple[list[PromptChunk], int]:
     """One prompt -> 77-token chunks (A1111 `TextConditionalModel.tokenize_line`, a1111-semantics §11.4).
 
     Emphasis pieces are tokenised separately (no BOS/EOS) and laid out 75 per chunk, each token carrying its
@@ -475,15 +490,23 @@ def tokenize_line(line: str, tokenizer, emphasis: str = "Original",
     A BREAK marker closes the current chunk. Chunks are padded with EOS, then wrapped in BOS ... EOS (multiplier
     1.0 there). emphasis "None" skips parsing (brackets and BREAK are plain text).
 
+    Textual inversion (`embeddings`, a1111-semantics §20): where the tokens of an emphasis piece spell an embedding's
+    name (longest name first), its n vectors take n token places (id 0, the piece's weight) instead of the name's
+    tokens, recorded as a `PromptChunkFix`; if they do not fit in the current chunk, the chunk is closed (padded)
+    and they start the next one. As in A1111, the comma backtrack moves tokens but not fixes: an embedding in the
+    moved tail keeps its vectors in the closed chunk (over its padding) and leaves id-0 tokens in the new one.
+
     Returns (chunks, token_count); token_count counts 75 per closed chunk plus the last chunk's real length
-    (A1111's display count). Textual-inversion embeddings are not supported.
-    Raises ValueError for an unknown emphasis mode or a negative comma_padding_backtrack.
+    (A1111's display count).
+    Raises ValueError for an unknown emphasis mode or a negative comma_padding_backtrack, and as
+    `EmbeddingLookup.build` for embedding names.
     """
     _check_emphasis(emphasis)
     if isinstance(comma_padding_backtrack, bool) or not isinstance(comma_padding_backtrack, int) \
             or comma_padding_backtrack < 0:
         raise ValueError(f"comma_padding_backtrack={comma_padding_backtrack!r}; allowed: an int >= 0")
     ids = _special_ids(tokenizer)
+    lookup = as_lookup(embeddings, tokenizer)
     parsed = [[line, 1.0]] if emphasis == "None" else parse_prompt_attention(line)
     chunks: list[PromptChunk] = []
     chunk = PromptChunk()
@@ -495,7 +518,7 @@ def tokenize_line(line: str, tokenizer, emphasis: str = "Original",
         token_count += len(chunk.tokens) if is_last else CHUNK_LENGTH
         padding = CHUNK_LENGTH - len(chunk.tokens)
         chunks.append(PromptChunk([ids.bos] + chunk.tokens + [ids.eos] * padding + [ids.eos],
-                                  [1.0] + chunk.multipliers + [1.0] * padding + [1.0]))
+                                  [1.0] + chunk.multipliers + [1.0] * padding + [1.0], chunk.fixes))
         chunk = PromptChunk()
         last_comma = -1
 
@@ -503,7 +526,10 @@ def tokenize_line(line: str, tokenizer, emphasis: str = "Original",
         if text == "BREAK" and weight == -1:
             close_chunk()
             continue
-        for token in tokenizer.encode(text):
+        tokens = tokenizer.encode(text)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == ids.comma:
                 last_comma = len(chunk.tokens)
             elif (comma_padding_backtrack and len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
@@ -514,8 +540,19 @@ def tokenize_line(line: str, tokenizer, emphasis: str = "Original",
                 chunk = moved
             if len(chunk.tokens) == CHUNK_LENGTH:
                 close_chunk()
-            chunk.tokens.append(token)
-            chunk.multipliers.append(weight)
+            embedding, name_length = lookup.find(tokens, position) if lookup else (None, 0)
+            if embedding is None:
+                chunk.tokens.append(token)
+                chunk.multipliers.append(weight)
+                position += 1
+                continue
+            n = embedding.n_vectors
+            if len(chunk.tokens) + n > CHUNK_LENGTH:  # never split between chunks
+                close_chunk()
+            chunk.fixes.append(PromptChunkFix(len(chunk.tokens), embedding))
+            chunk.tokens += [0] * n
+            chunk.multipliers += [weight] * n
+            position += name_length
     if chunk.tokens or not chunks:
         close_chunk(is_last=True)
     return chunks, token_count
@@ -572,27 +609,51 @@ def _chunk_tokens(chunks: Sequence[PromptChunk], ids: _Ids, pad_token: str, devi
     return tokens
 
 
+def _spliced_token_embeds(text_encoder: TextEncoder, tokens: torch.Tensor, chunks: Sequence[PromptChunk],
+                          embedding_key: str | None) -> torch.Tensor:
+    """The encoder's input embeddings [B, 77, W] with each fix's vectors in rows offset+1 ... offset+n, cast to the
+    embedding table's dtype and device (A1111 `EmbeddingsWithFixes.forward`, a1111-semantics §20)."""
+    embeds = text_encoder.token_embedding(tokens)  # (B, 77, W)
+    width = text_encoder.config.width
+    rows = []
+    for row, chunk in zip(embeds, chunks):
+        for fix in chunk.fixes:
+            vectors = fix.embedding.vectors_for(embedding_key, width).to(row.dtype).to(row.device)
+            n = min(row.shape[0] - fix.offset - 1, vectors.shape[0])
+            row = torch.cat([row[:fix.offset + 1], vectors[:n], row[fix.offset + 1 + n:]])
+        rows.append(row)
+    return torch.stack(rows)
+
+
 def encode_prompts_with_pooled(text_encoder: TextEncoder, tokenizer, prompts: Sequence[str], clip_skip: int = 1,
                                emphasis: str = "Original",
-                               comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK
-                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                               comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
+                               embeddings: Mapping[str, Embedding] | EmbeddingLookup | None = None,
+                               embedding_key: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`encode_prompts`, also returning the first chunk's pooled output [B, P] (None if the encoder has no
     projection), which is what A1111 passes on for SDXL (`TextConditionalModel.forward`)."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise TypeError(f"prompts must be a non-empty list of str, got {prompts!r}")
     ids = _special_ids(tokenizer)
+    lookup = as_lookup(embeddings, tokenizer)
     cache: dict[str, list[PromptChunk]] = {}
     for prompt in prompts:
         if prompt not in cache:
-            cache[prompt] = tokenize_line(prompt, tokenizer, emphasis, comma_padding_backtrack)[0]
+            cache[prompt] = tokenize_line(prompt, tokenizer, emphasis, comma_padding_backtrack, lookup)[0]
     batch = [cache[p] for p in prompts]
+    for fix in (fix for chunks in batch for chunk in chunks for fix in chunk.fixes):  # errors before any encoding
+        fix.embedding.vectors_for(embedding_key, text_encoder.config.width)
     device = text_encoder.positional_embedding.device
     empty = empty_chunk(tokenizer)
     zs, pooled = [], None
     for index in range(max(len(chunks) for chunks in batch)):
         chunks = [c[index] if index < len(c) else empty for c in batch]
         tokens = _chunk_tokens(chunks, ids, text_encoder.config.pad_token, device)
-        out = text_encoder(tokens, clip_skip=clip_skip)
+        if any(chunk.fixes for chunk in chunks):
+            embeds = _spliced_token_embeds(text_encoder, tokens, chunks, embedding_key)
+            out = text_encoder(tokens, clip_skip=clip_skip, token_embeds=embeds)
+        else:
+            out = text_encoder(tokens, clip_skip=clip_skip)
         multipliers = torch.tensor([c.multipliers for c in chunks], device=device)
         zs.append(apply_emphasis(out.hidden, multipliers, emphasis))
         pooled = out.pooled if index == 0 else pooled
@@ -600,8 +661,9 @@ def encode_prompts_with_pooled(text_encoder: TextEncoder, tokenizer, prompts: Se
 
 
 def encode_prompts(text_encoder: TextEncoder, tokenizer, prompts: Sequence[str], clip_skip: int = 1,
-                   emphasis: str = "Original", comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK
-                   ) -> torch.Tensor:
+                   emphasis: str = "Original", comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
+                   embeddings: Mapping[str, Embedding] | EmbeddingLookup | None = None,
+                   embedding_key: str | None = None) -> torch.Tensor:
     """Prompts -> cross-attention conditioning [B, 77*k, C] (A1111 `TextConditionalModel.forward`, a1111-semantics §11.4).
 
     Each prompt is chunked by `tokenize_line` (emphasis, BREAK, comma backtrack); k = the most chunks of any
@@ -612,10 +674,17 @@ def encode_prompts(text_encoder: TextEncoder, tokenizer, prompts: Sequence[str],
 
     text_encoder: a `TextEncoder`; tokenizer: `sdcore.models.text.load_tokenizer()`; clip_skip: 1 = off, N = A1111
     "Clip skip" (SD1); emphasis: one of EMPHASIS_MODES. Output dtype/device = the encoder's.
-    Raises TypeError for a bad prompts list or tokenizer, ValueError for a bad emphasis or clip_skip.
+    embeddings: textual-inversion embeddings by name (`sdcore.embeddings.load_embeddings_dir(...)`, any
+    Mapping[str, Embedding], or an EmbeddingLookup); None or empty = none, and the output is then exactly what it is
+    without the argument. Where a prompt names one, its vectors (cast to the encoder's dtype) replace the token
+    embeddings of its places in the chunk before the positional embedding is added (A1111 `EmbeddingsWithFixes`);
+    emphasis weights them like any token. embedding_key: which vectors this encoder takes (`embeddings.
+    embedding_keys`: None for SD1/SD2, "clip_l"/"clip_g" for SDXL's encoders).
+    Raises TypeError for a bad prompts list or tokenizer, ValueError for a bad emphasis or clip_skip, or for an
+    embedding named in a prompt whose kind or width does not fit this encoder (`Embedding.vectors_for`).
     """
     return encode_prompts_with_pooled(text_encoder, tokenizer, prompts, clip_skip, emphasis,
-                                      comma_padding_backtrack)[0]
+                                      comma_padding_backtrack, embeddings, embedding_key)[0]
 
 
 # ------------------------------------------------------------------------------- conditioning of a model family
@@ -662,7 +731,8 @@ def vector_conditioning(family: Family, pooled: torch.Tensor, width: int, height
 
 def encode_family_conditioning(family: Family, text_encoders: Sequence[TextEncoder], tokenizer, texts: Sequence[str],
                                clip_skip: int = 1, emphasis: str = "Original", width: int | None = None,
-                               height: int | None = None, is_negative_prompt: bool = False):
+                               height: int | None = None, is_negative_prompt: bool = False,
+                               embeddings: Mapping[str, Embedding] | EmbeddingLookup | None = None):
     """Plain texts -> the conditioning `family`'s UNet takes (A1111 `get_learned_conditioning` per model type).
 
     - No vector conditioning (SD1, SD2, inpainting, instruct-pix2pix): `encode_prompts` with the one encoder,
@@ -674,15 +744,21 @@ def encode_family_conditioning(family: Family, text_encoders: Sequence[TextEncod
       encoder's pooled output at `width` x `height` (pixels; default the family's native size). If
       `is_negative_prompt` and every text is empty, the text parts (c_crossattn and pooled) are zeros, as sgm's
       `force_zero_embeddings=['txt']` in A1111. Returns {"c_crossattn": ..., "y": ...} in the encoders' dtype.
+    - `embeddings`: textual inversion, see `encode_prompts`; each encoder takes the vectors of its
+      `embeddings.embedding_keys(family)` entry (SDXL embeddings need clip_l and clip_g; the refiner uses clip_g).
     Raises ValueError/TypeError as `encode_prompts` does.
     """
+    lookup = as_lookup(embeddings, tokenizer)
+    keys = embedding_keys(family)
     if not family.vector:
         encoder = text_encoders[0]
         skip = clip_skip if encoder.config.layer == "last" else 1
-        return encode_prompts(encoder, tokenizer, texts, clip_skip=skip, emphasis=emphasis)
+        return encode_prompts(encoder, tokenizer, texts, clip_skip=skip, emphasis=emphasis, embeddings=lookup,
+                              embedding_key=keys[0])
     zs, pooled = [], None
-    for encoder in text_encoders:
-        z, p = encode_prompts_with_pooled(encoder, tokenizer, texts, clip_skip=1, emphasis=emphasis)
+    for encoder, key in zip(text_encoders, keys):
+        z, p = encode_prompts_with_pooled(encoder, tokenizer, texts, clip_skip=1, emphasis=emphasis,
+                                          embeddings=lookup, embedding_key=key)
         zs.append(z)
         pooled = p if p is not None else pooled
     if pooled is None:

@@ -693,5 +693,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["API_FIELDS", "ApiField", "FieldError", "Job", "add_parser", "api_fields", "create_app", "decode_image",
+__all__ = ["API_FIELDS", "ApiField", "FieldError", "Job", "api_fields", "create_app", "decode_image",
            "encode_png", "extra_generation_params", "info_json", "prepare", "run", "serve"]

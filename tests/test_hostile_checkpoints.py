@@ -314,3 +314,94 @@ def test_truncated_ckpt_is_one_line_exit_2(capsys, tmp_path, sd1_tiny_ckpt_path,
         for code, out, err in both_commands(capsys, path, init_png, tmp_path / "out"):
             assert_one_line_error(code, out, err, f"--ckpt: {path} is not a readable torch checkpoint",
                                   "allowed: a torch.save pickle")
+
+
+# -- item 11: `sdcore info` reads the header without torch, in constant memory -----------------------------------
+
+def _info_child(*argv):
+    """`python -m sdcore info ...` in a fresh process: (exit code, stdout, whether torch got imported, peak RSS MiB)."""
+    import json
+    import subprocess
+
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would count the forked pytest process
+    code = ("import sys, json, contextlib, io\n"
+            "sys.argv = ['sdcore', 'info', *sys.argv[1:]]\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n"
+            "    try:\n"
+            "        from sdcore.cli import main; rc = main(sys.argv[1:])\n"
+            "    except SystemExit as e: rc = e.code\n"
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "print(json.dumps([rc, buf.getvalue(), 'torch' in sys.modules, int(hwm.split()[1]) / 1024]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _loaded_info(capsys, *argv):
+    """The same command through the full meta-device load (what the fast path must agree with)."""
+    from sdcore.cli.commands import loaded_info
+
+    args = cli.build_parser().parse_args(["info", *map(str, argv)])
+    assert loaded_info(args) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd1-inpaint"])
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_info_answers_from_the_header_without_torch_and_equals_the_full_load(capsys, tmp_path, family, fmt):
+    path = tmp_path / f"m.{fmt}"
+    write_checkpoint(make_state_dict(family, "tiny", seed=0, dtype=torch.float16), path, metadata={})
+    rc, out, imported_torch, _ = _info_child(path)
+    assert rc == 0 and not imported_torch, out
+    assert out == _loaded_info(capsys, path)
+
+
+def test_info_with_a_separate_vae_and_an_explicit_prediction_stays_torch_free(capsys, tmp_path, sd1_sd):
+    path, vae = tmp_path / "novae.safetensors", tmp_path / "vae.safetensors"
+    write_checkpoint({k: v for k, v in sd1_sd.items() if not k.startswith("first_stage_model.")}, path, metadata={})
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in sd1_sd.items()
+               if k.startswith("first_stage_model.") and ".loss." not in k}, vae)
+    rc, out, imported_torch, _ = _info_child(path, "--vae", vae)
+    assert rc == 0 and not imported_torch and "VAE from the separate file vae.safetensors" in out
+    assert out == _loaded_info(capsys, path, "--vae", vae)
+    sd2 = tmp_path / "sd2.safetensors"
+    write_checkpoint(make_state_dict("sd2-v", "tiny", seed=0), sd2, metadata={})
+    rc, out, imported_torch, _ = _info_child(sd2, "--prediction", "v")
+    assert rc == 0 and not imported_torch and "family: sd2-v (prediction v" in out
+    assert out == _loaded_info(capsys, sd2, "--prediction", "v")
+
+
+def _with_sparse_extra(src, dst, n_bytes):
+    """`src`'s tensors plus a zero-filled float32 `model_ema.big` of `n_bytes` (a dropped extra: an EMA copy), written
+    as a sparse file, so a multi-GB checkpoint costs no disk and no time to make."""
+    import json
+
+    data = src.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    body = data[8 + n:]
+    header["model_ema.big"] = {"dtype": "F32", "shape": [n_bytes // 4], "data_offsets": [len(body),
+                                                                                          len(body) + n_bytes]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + body)
+        f.truncate(8 + len(text) + len(body) + n_bytes)
+
+
+def test_info_peak_memory_does_not_grow_with_the_file(tmp_path, sd1_tiny_path):
+    """Issue 11 item 11: a 2 GB checkpoint (more than 6 x the limit), and the whole `sdcore info` process stays under 300 MiB of RSS."""
+    big = tmp_path / "big.safetensors"
+    _with_sparse_extra(sd1_tiny_path, big, 2 << 30)
+    assert big.stat().st_size > 2 << 30
+    rc, out, imported_torch, peak_mib = _info_child(big)
+    assert rc == 0 and not imported_torch, out
+    n_ema = sum(k.startswith("model_ema.") for k in ck.open_state_dict(sd1_tiny_path, meta=True)) + 1
+    assert f"dropped {n_ema} tensors: EMA copy of the UNet" in out
+    assert peak_mib < 300, peak_mib
+    h = hashlib.sha256()
+    with open(big, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    assert out.splitlines()[-1] == f"model hash (sha256[:10]): {h.hexdigest()[:10]}"

@@ -13,9 +13,11 @@ import open_clip
 import pytest
 import torch
 from open_clip.transformer import QuickGELU, TextTransformer
+from open_clip.transformer import Transformer as OpenClipTransformer
 from torch import nn
 
 from sdcore.families import CLIP_L, OPENCLIP_H, SDXL_CLIP_G, SDXL_CLIP_L
+from sdcore.models import text
 from sdcore.models.text import (TextEncoder, hf_to_open_clip, hidden_layer, load_tokenizer,
                                 open_clip_to_hf)
 
@@ -201,7 +203,7 @@ def test_reset_parameters_is_seeded():
 
 def test_activation_classes():
     mlp = TextEncoder(replace(CLIP_L, width=32, layers=1, heads=2), device="meta").transformer.resblocks[0].mlp
-    assert isinstance(mlp.gelu, QuickGELU)
+    assert isinstance(mlp.gelu, text.QuickGELU)
     mlp = TextEncoder(replace(OPENCLIP_H, width=32, layers=1, heads=2), device="meta").transformer.resblocks[0].mlp
     assert type(mlp.gelu) is nn.GELU and mlp.gelu.approximate == "none"
 
@@ -251,3 +253,38 @@ def test_tokenizer_ids():
     assert tok.encoder[",</w>"] == 267 == 256 + (ord(",") - ord("!"))
     assert tok.encode("a , a") == [320, 267, 320]
     assert tok.encode("A Cat, photo") == [320, _vocab_id("cat</w>"), 267, _vocab_id("photo</w>")]
+
+
+@pytest.mark.parametrize("act, oc_act", [("quick_gelu", QuickGELU), ("gelu", nn.GELU)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_equal_open_clips_bit_for_bit(act, oc_act, dtype):
+    """sdcore's own blocks (written to avoid importing open_clip's package) are open_clip's: the same state dict
+    keys, and bit-identical outputs, with the causal mask, in float32 and bfloat16."""
+    width, layers, heads = 64, 3, 4
+    ref = OpenClipTransformer(width, layers, heads, act_layer=oc_act).eval()
+    _randomise(ref, 11)
+    ours = text.Transformer(width, layers, heads, text.ACTIVATIONS[act]).eval()
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x = torch.randn(2, 77, width, generator=torch.Generator().manual_seed(0)).to(dtype)
+    mask = text.causal_mask(77, dtype, None)
+    with torch.no_grad():
+        a = x
+        for block in ref.resblocks:
+            a = block(a, attn_mask=mask)
+        b = x
+        for block in ours.resblocks:
+            b = block(b, attn_mask=mask)
+    assert torch.equal(a, b)
+
+
+def test_the_tokenizer_does_not_import_open_clips_package():
+    import subprocess
+    import sys
+
+    code = ("import sys; from sdcore.models.text import load_tokenizer; t = load_tokenizer();"
+            "print(t.encode('a red circle'), 'open_clip' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("]")[1].split() == ["False", "False"]
+    assert out.split("]")[0] + "]" == str(open_clip.get_tokenizer("ViT-L-14").encode("a red circle"))

@@ -1,34 +1,87 @@
-"""CLIP text encoders on open_clip's text transformer, the transformers (HF) key layout, and the tokenizer.
+"""CLIP text encoders with open_clip's text transformer layout, the transformers (HF) key layout, and the tokenizer.
 
 Glossary: B = batch of token sequences, T = sequence length (77 = `TextConfig.context_length`), W = width
 (768 CLIP-L, 1024 OpenCLIP-H, 1280 OpenCLIP-bigG), P = `projection_dim`.
 
 The module tree is open_clip's `TextTransformer` (open_clip/transformer.py): `token_embedding`,
 `positional_embedding`, `transformer.resblocks.N.{ln_1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj,
-ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection`; the blocks are open_clip's own `Transformer` /
-`ResidualAttentionBlock`. SD2 and SDXL-bigG checkpoints (`cond_stage_model.model.*`,
-`conditioner.embedders.1.model.*`) therefore load as they are; SD1 and SDXL CLIP-L checkpoints are in transformers'
-`CLIPTextModel` layout and go through `hf_to_open_clip` (one short rule list) first.
+ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection`. SD2 and SDXL-bigG checkpoints
+(`cond_stage_model.model.*`, `conditioner.embedders.1.model.*`) therefore load as they are; SD1 and SDXL CLIP-L
+checkpoints are in transformers' `CLIPTextModel` layout and go through `hf_to_open_clip` (one short rule list) first.
+
+The blocks (`ResidualAttentionBlock`, `LayerNorm`, `QuickGELU`) are written here, the same operations as open_clip's
+in the same order (tests/test_text.py checks bit equality against open_clip's `Transformer`): importing open_clip's
+package pulls in its vision models, transformers and torchvision, 3-5 s of a cold CLI run. The tokenizer is open_clip's
+`SimpleTokenizer`, loaded from its own file (`load_tokenizer`) for the same reason.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
+import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
+from torch.nn import functional as F
 
 from sdcore.families import TextConfig
+
+LAYERS = ("last", "penultimate")
+
+
+class LayerNorm(nn.LayerNorm):
+    """open_clip's `LayerNorm`: torch's, with the output cast back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (open_clip `QuickGELU`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """A pre-norm transformer block with open_clip's names and operations (`ResidualAttentionBlock`, no layer
+    scale): x + attn(ln_1(x)), then + mlp(ln_2(x)), mlp = c_fc -> activation -> c_proj with width 4W. x: [B, T, W]."""
+
+    def __init__(self, width: int, heads: int, act_layer: type[nn.Module]):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", act_layer()),
+                                              ("c_proj", nn.Linear(4 * width, width))]))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln_1(x)
+        # one tensor as query, key and value: MultiheadAttention's packed self-attention path, as open_clip calls it
+        x = x + self.attn(h, h, h, need_weights=False,
+                          attn_mask=None if attn_mask is None else attn_mask.to(x.dtype))[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """`layers` ResidualAttentionBlocks under open_clip's name `resblocks` (`TextEncoder.forward` runs them)."""
+
+    def __init__(self, width: int, layers: int, heads: int, act_layer: type[nn.Module]):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act_layer) for _ in range(layers)])
+
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "quick_gelu": QuickGELU,  # x * sigmoid(1.702 x): OpenAI CLIP ViT-L/14 (SD1, SDXL CLIP-L)
     "gelu": nn.GELU,  # exact (erf) GELU: OpenCLIP ViT-H/14 (SD2), ViT-bigG/14 (SDXL)
 }
-LAYERS = ("last", "penultimate")
 
 
 @dataclass
@@ -73,7 +126,7 @@ def causal_mask(length: int, dtype: torch.dtype, device: torch.device | str | No
 
 
 class TextEncoder(nn.Module):
-    """A CLIP text transformer with open_clip's parameter names, built from open_clip's `Transformer`.
+    """A CLIP text transformer with open_clip's parameter names and blocks (`Transformer` above).
 
     Built on the meta device (no memory, no random draws), then moved with `to_empty` to `device`: parameters are
     uninitialised until `load_state_dict(..., assign=True)` (the checkpoint loader) or `reset_parameters(generator)`
@@ -100,8 +153,7 @@ class TextEncoder(nn.Module):
         with torch.device("meta"):
             self.token_embedding = nn.Embedding(config.vocab_size, config.width)
             self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
-            self.transformer = Transformer(config.width, config.layers, config.heads,
-                                           act_layer=ACTIVATIONS[config.act], norm_layer=LayerNorm)
+            self.transformer = Transformer(config.width, config.layers, config.heads, ACTIVATIONS[config.act])
             self.ln_final = LayerNorm(config.width)
             if config.projection_dim > 0:
                 self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))
@@ -138,15 +190,19 @@ class TextEncoder(nn.Module):
             p.copy_(torch.randn(p.shape, generator=generator) * std)
         return self
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> TextOutput:
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+                ) -> TextOutput:
         """Encode token ids.
 
         tokens: LongTensor [B, T], T <= context_length (77), ids in [0, vocab_size); the EOS token must be the
             largest id of each row (true for CLIP: EOS 49407 is the last vocabulary entry), as pooling picks
             the argmax position (open_clip `text_global_pool(pool_type="argmax")`).
         clip_skip: see `hidden_layer` (1 = the config's layer; N > 1 = A1111 Clip skip).
+        token_embeds: optional [B, T, W] input embeddings used instead of `token_embedding(tokens)` (positions are
+            still added; `tokens` still picks the pooled position). Textual inversion splices its vectors into
+            these rows (A1111 `EmbeddingsWithFixes`, see `sdcore.embeddings`).
         Returns TextOutput(hidden [B, T, W], pooled [B, P] or None), dtype of the parameters.
-        Raises ValueError/TypeError for a wrong dtype, rank, length or clip_skip.
+        Raises ValueError/TypeError for a wrong dtype, rank, length, token_embeds shape or clip_skip.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be an int64/int32 tensor, got {getattr(tokens, 'dtype', type(tokens))}")
@@ -155,7 +211,12 @@ class TextEncoder(nn.Module):
                              f"1 <= T <= {self.config.context_length}")
         depth, final_ln = hidden_layer(self.config, clip_skip)
         length = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, T, W)
+        if token_embeds is None:
+            token_embeds = self.token_embedding(tokens)
+        elif token_embeds.shape != (*tokens.shape, self.config.width):
+            raise ValueError(f"token_embeds.shape={tuple(token_embeds.shape)}; expected "
+                             f"{(*tokens.shape, self.config.width)} (tokens [B, T] + the width)")
+        x = token_embeds + self.positional_embedding[:length]  # (B, T, W)
         mask = causal_mask(length, x.dtype, x.device)
         blocks = self.transformer.resblocks
         for block in blocks[:depth]:
@@ -271,11 +332,29 @@ def open_clip_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def load_tokenizer() -> SimpleTokenizer:
+@lru_cache(maxsize=1)
+def _open_clip_tokenizer_module() -> ModuleType:
+    """open_clip's `tokenizer.py`, executed on its own when open_clip is not imported yet (that file imports only
+    ftfy, regex, numpy and torch; open_clip's `__init__` would import the vision models, transformers and
+    torchvision too). `importlib.util.find_spec` locates the package without running it."""
+    if "open_clip" in sys.modules:
+        return importlib.import_module("open_clip.tokenizer")
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip (package open-clip-torch) is not installed; sdcore's tokenizer is its "
+                          "SimpleTokenizer")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.py"
+    file_spec = importlib.util.spec_from_file_location("sdcore._open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module
+
+
+def load_tokenizer():
     """open_clip's CLIP BPE tokenizer (`SimpleTokenizer`; its vocabulary `bpe_simple_vocab_16e6.txt.gz` ships with
     the open_clip package, nothing is downloaded). Text is ftfy-fixed, whitespace-collapsed and lower-cased.
 
     `encode(text) -> list[int]` gives ids without BOS/EOS; `sot_token_id` = 49406 (BOS), `eot_token_id` = 49407
-    (EOS); `encoder[",</w>"]` = 267 (a1111-semantics §11.4).
+    (EOS); `encoder[",</w>"]` = 267 (a1111-semantics §11.4). Raises ImportError when open-clip-torch is missing.
     """
-    return SimpleTokenizer()
+    return _open_clip_tokenizer_module().SimpleTokenizer()

@@ -13,6 +13,7 @@ deviation of k-diffusion's parameterisation x = x0 + sigma * eps.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import images, infotext, pipeline, resources, rng
+from . import extra_networks, images, infotext, pipeline, resources, rng
 from .checkpoint import StableDiffusionModel, load_checkpoint
 from .plan import DryRun, Plan, SamplingPass, stand_in_model
 from .sampling import schedules
@@ -69,6 +70,9 @@ class Options:
     vae_encode_sample: bool = True  # A1111 samples the VAE posterior (seeded here per image); False = its mean
     beta_dist_alpha: float = 0.6  # the Beta scheduler's alpha (a1111-semantics §17)
     beta_dist_beta: float = 0.6
+    # A1111 command-line options: where `<lora:name>` and embedding names are looked up (None = nowhere)
+    lora_dir: str | None = None
+    embeddings_dir: str | None = None
 
 
 
@@ -135,7 +139,7 @@ class StableDiffusionProcessing:
         "ddim_discretize": (None, "uniform"), "sampler_index": (None,), "token_merging_ratio": (0, 0.0),
         "token_merging_ratio_hr": (0, 0.0), "firstpass_image": (None,), "outpath_grids": (None,),
         "prompt_for_display": (None,), "do_not_save_grid": (False,), "do_not_reload_embeddings": (False,),
-        "override_settings_restore_afterwards": (True,), "disable_extra_networks": (False,),
+        "override_settings_restore_afterwards": (True,),
         "overlay_images": (None,),
     }
 
@@ -192,6 +196,23 @@ class StableDiffusionProcessing:
                              f"channels, the model {self.sd_model.family.unet.out_channels}")
         return pipeline.Refiner(refiner, self.refiner_switch_at)
 
+    def load_networks(self, requests: list[extra_networks.LoraRequest], loaded: dict[Path, Any]
+                      ) -> list[tuple[Any, float, float]]:
+        """The LoRA files of a batch's `<lora:...>` tags, read from `opts.lora_dir` (each file once per job, kept
+        in `loaded`): (Network, te multiplier, unet multiplier, dyn rank or None, the name as written). Raises
+        ValueError naming an unknown name (with the names available) or an unreadable file."""
+        if not requests:
+            return []
+        from . import networks  # imports torch modules only the LoRA path needs
+
+        active = []
+        for r in requests:
+            path = extra_networks.find_lora(r.name, self.opts.lora_dir, what="opts.lora_dir (--lora-dir)")
+            if path not in loaded:
+                loaded[path] = networks.load_network(path, self.sd_model)
+            active.append((loaded[path], r.te_multiplier, r.unet_multiplier, r.dyn_dim, r.name))
+        return active
+
     def resolve_sampler(self) -> tuple[SamplerInfo, str | None]:
         """(sampler row, scheduler): `sampler_name` (default "DPM++ 2M"); a scheduler carried in the sampler name
         ("DPM++ 2M Karras") is used when `scheduler` is None/Automatic (A1111 `fix_p_invalid_sampler_and_scheduler`)."""
@@ -202,9 +223,9 @@ class StableDiffusionProcessing:
 
     # -- A1111 fields -> pipeline arguments ------------------------------------------------------------------------
 
-    def text_options(self) -> pipeline.TextOptions:
+    def text_options(self, job: Job) -> pipeline.TextOptions:
         return pipeline.TextOptions(clip_skip=self.opts.CLIP_stop_at_last_layers, emphasis=self.opts.emphasis,
-                                    use_old_scheduling=self.opts.use_old_scheduling)
+                                    use_old_scheduling=self.opts.use_old_scheduling, embeddings=job.embeddings)
 
     def seeds_of(self, seeds: list[int], subseeds: list[int]) -> pipeline.Seeds:
         return pipeline.Seeds(tuple(seeds), tuple(subseeds), subseed_strength=self.subseed_strength,
@@ -322,6 +343,7 @@ class Job:
     batch_size: int
     refiner: pipeline.Refiner | None
     image_cfg_scale: float | None
+    embeddings: Any = None  # sdcore.embeddings.EmbeddingDatabase of opts.embeddings_dir, or None
 
 
 def _expand(value: str | list[str], n: int, name: str) -> list[str]:
@@ -438,8 +460,10 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             latent_mask=self.latent_mask)
 
     def run_batch(self, job: Job, seeds: list[int], subseeds: list[int], prompts: list[str],
-                  negative_prompts: list[str], callback, model_callback, disable_progress):
-        """One pipeline.img2img call; returns (Result, infotext keys in A1111's order)."""
+                  negative_prompts: list[str], callback, model_callback, disable_progress,
+                  network_params: dict[str, Any] | None = None):
+        """One pipeline.img2img call; returns (Result, infotext keys in A1111's order). `network_params`: the
+        "Lora hashes" / "TI hashes" keys of the batch (`network_params`), placed where A1111 adds them."""
         options, sampler_params = self.sampler_options(self.sd_model, job.sampler, job.scheduler, img2img=True)
         options = dataclasses.replace(options, initial_noise_multiplier=self.initial_noise_multiplier,
                                       fix_steps=self.opts.img2img_fix_steps)
@@ -449,13 +473,14 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             scheduler=job.scheduler, steps=self.steps, denoising_strength=self.denoising_strength,
             cfg_scale=self.cfg_scale, seeds=self.seeds_of(seeds, subseeds), width=self.width, height=self.height,
             blend=blend, resize_mode=self.resize_mode, masking=self.masking(), options=options,
-            text=self.text_options(), image_cfg_scale=job.image_cfg_scale,
+            text=self.text_options(job), image_cfg_scale=job.image_cfg_scale,
             background_color=self.opts.img2img_background_color, color_correction=self.opts.img2img_color_correction,
             vae_sample=self.opts.vae_encode_sample, fill_seeds=job.seeds[:job.batch_size], refiner=job.refiner,
             callback=callback, model_callback=model_callback, disable_progress=disable_progress)
         params = self.init_params(result.plan)
         if result.nmask is not None:
             params.update(blend.infotext())
+        params.update(network_params or {})
         params.update(self.prompt_params(prompts, negative_prompts))
         if self.initial_noise_multiplier != 1.0:
             params["Noise multiplier"] = self.initial_noise_multiplier
@@ -571,9 +596,10 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         return params
 
     def run_batch(self, job: Job, seeds: list[int], subseeds: list[int], prompts: list[str],
-                  negative_prompts: list[str], callback, model_callback, disable_progress):
+                  negative_prompts: list[str], callback, model_callback, disable_progress,
+                  network_params: dict[str, Any] | None = None):
         """pipeline.txt2img, then pipeline.hires_fix when enabled; returns (Result, infotext keys in order)."""
-        batch_seeds, text = self.seeds_of(seeds, subseeds), self.text_options()
+        batch_seeds, text = self.seeds_of(seeds, subseeds), self.text_options(job)
         options, sampler_params = self.sampler_options(self.sd_model, job.sampler, job.scheduler, img2img=False)
         first = pipeline.txt2img(
             self.sd_model, prompts, negative_prompts, sampler=job.sampler, scheduler=job.scheduler, steps=self.steps,
@@ -581,7 +607,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             text=text, vae_sample=self.opts.vae_encode_sample, inpainting_mask_weight=self.opts.inpainting_mask_weight,
             refiner=job.refiner, decode_images=not self.enable_hr, callback=callback,
             model_callback=model_callback, disable_progress=disable_progress)
-        params = {**self.init_params(), **self.prompt_params(prompts, negative_prompts), **sampler_params,
+        params = {**self.init_params(), **(network_params or {}), **self.prompt_params(prompts, negative_prompts),
+                  **sampler_params,
                   **self.refiner_params(job.refiner, first.plan.passes[0])}
         if not self.enable_hr:
             return first, params
@@ -594,6 +621,9 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             params["Hires prompt"] = self.hr_prompt
         if self.hr_negative_prompt:
             params["Hires negative prompt"] = self.hr_negative_prompt
+        if self.hr_prompt and extra_networks.batch_networks([self.hr_prompt])[1]:
+            raise NotImplementedError("hr_prompt: <lora:...> tags of its own are not applied to the hires pass in "
+                                      "sdcore; the first pass's networks stay applied (put the tags in prompt)")
         hr_prompts = [self.hr_prompt or p for p in prompts]
         hr_negative = [self.hr_negative_prompt or p for p in negative_prompts]
         refiner = None if first.plan.refiner_switched else job.refiner
@@ -661,8 +691,43 @@ def resolve_job(p: StableDiffusionProcessing) -> Job:
     image_cfg_scale = getattr(p, "image_cfg_scale", None)
     if p.sd_model.family.conditioning != "edit":
         image_cfg_scale = None
+    embeddings = None
+    if p.opts.embeddings_dir is not None:
+        from .embeddings import load_embeddings_dir
+
+        embeddings = load_embeddings_dir(p.opts.embeddings_dir)
     return Job(sampler, scheduler, _expand(p.prompt, n, "prompt"), _expand(p.negative_prompt, n, "negative_prompt"),
-               seeds, subseeds, p.effective_batch_size(), p.load_refiner(), image_cfg_scale)
+               seeds, subseeds, p.effective_batch_size(), p.load_refiner(), image_cfg_scale, embeddings)
+
+
+def _applied(model: StableDiffusionModel, active: list):
+    """The batch's LoRAs merged into `model` for the duration (`networks.applied`), or nothing to do."""
+    if not active:
+        return contextlib.nullcontext()
+    from . import networks
+
+    return networks.applied(model, [entry[:4] for entry in active])
+
+
+def network_params(active: list, job: Job, prompts: list[str], negative_prompts: list[str],
+                   p: StableDiffusionProcessing) -> dict[str, Any]:
+    """A batch's "Lora hashes" (A1111 `ExtraNetworkLora.activate`: the name as written in the tag, the file's
+    short hash) and "TI hashes" (the embeddings its conditioning uses, `embeddings.ti_hashes`) infotext keys."""
+    params: dict[str, Any] = {}
+    lora = extra_networks.lora_hashes_value([(entry[4], entry[0].shorthash()) for entry in active])
+    if lora:
+        params["Lora hashes"] = lora
+    if job.embeddings:
+        from .embeddings import embeddings_used_by_prompts, ti_hashes
+
+        hires = getattr(p, "hr_second_pass_steps", 0) or p.steps if getattr(p, "enable_hr", False) else None
+        used = embeddings_used_by_prompts(prompts, negative_prompts, p.sd_model.tokenizer, job.embeddings,
+                                          job.sampler.total_steps(p.steps), hires_steps=hires,
+                                          use_old_scheduling=p.opts.use_old_scheduling, emphasis=p.opts.emphasis)
+        ti = ti_hashes(used)
+        if ti:
+            params["TI hashes"] = ti
+    return params
 
 
 def process_images(p: StableDiffusionProcessing, callback=None, disable_progress: bool | None = None,
@@ -680,11 +745,17 @@ def process_images(p: StableDiffusionProcessing, callback=None, disable_progress
     comments = dict(p.comments)
     out_images, infotexts, paths, plans, result = [], [], [], [], None
     b = job.batch_size
+    loaded: dict[Path, Any] = {}
     with torch.inference_mode():
         for n in range(p.n_iter):
             sl = slice(n * b, (n + 1) * b)
-            result, batch_params = p.run_batch(job, job.seeds[sl], job.subseeds[sl], job.prompts[sl],
-                                               job.negative_prompts[sl], callback, model_callback, disable_progress)
+            prompts, lora = extra_networks.batch_networks(job.prompts[sl])
+            active = [] if p.disable_extra_networks else p.load_networks(lora, loaded)
+            with _applied(p.sd_model, active):
+                result, batch_params = p.run_batch(job, job.seeds[sl], job.subseeds[sl], prompts,
+                                                   job.negative_prompts[sl], callback, model_callback,
+                                                   disable_progress, network_params(active, job, prompts,
+                                                                                    job.negative_prompts[sl], p))
             params.update(batch_params)
             plans.append(result.plan)
             if result.plan.blank_mask:

@@ -138,6 +138,7 @@ def test_every_flag_sets_its_field(sd1_tiny, files):
         "opts.rho": 5.0, "opts.use_old_scheduling": True, "opts.always_discard_next_to_last_sigma": True,
         "opts.use_old_karras_scheduler_sigmas": True, "opts.save_to_dirs": False, "opts.vae_encode_sample": False,
         "mask_blend": "differential", "opts.beta_dist_alpha": 0.5, "opts.beta_dist_beta": 0.7,
+        "opts.lora_dir": str(files), "opts.embeddings_dir": str(files), "disable_extra_networks": True,
     }
     argv = ["img2img", str(files / "init.png")]
     for flag in processing_flags():

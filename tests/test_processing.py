@@ -147,7 +147,7 @@ def test_unimplemented_field_raises(sd1_tiny, photo):
 @pytest.mark.parametrize("field, value", [
     ("outpath_grids", "grids"), ("prompt_for_display", "shown"), ("do_not_save_grid", True),
     ("do_not_reload_embeddings", True), ("override_settings_restore_afterwards", False),
-    ("disable_extra_networks", True), ("overlay_images", [Image.new("RGBA", (64, 64))])])
+    ("overlay_images", [Image.new("RGBA", (64, 64))])])
 def test_accepted_but_unread_fields_raise_when_set(sd1_tiny, photo, field, value):
     """Fields A1111 has that sdcore does not act on raise instead of being silently ignored (issue 9 item 7);
     their defaults run."""

@@ -1,4 +1,4 @@
-"""`sdcore img2img | inpaint | txt2img | info | samplers`: a thin command line over the Python API.
+"""`sdcore img2img | inpaint | txt2img | info | samplers | xyz`: a thin command line over the Python API.
 
 Every processing flag sets one field of `StableDiffusionProcessingImg2Img` (`...Txt2Img` for txt2img) or of its
 `opts: Options`, under the A1111 name with dashes (`--denoising-strength` -> `denoising_strength`; one exception,
@@ -87,9 +87,17 @@ def main(argv: list[str] | None = None) -> int:
             from ..server import run as run_serve  # lazy: imports torch and the serve extra
 
             return run_serve(args)
-        from .commands import run_info, run_samplers  # lazy: imports torch
+        if args.command == "xyz":
+            from ..xyz import run as run_xyz  # lazy: imports torch
 
-        return {"info": run_info, "samplers": run_samplers}[args.command](args)
+            return run_xyz(args)
+        if args.command == "info":
+            from .info import run_info  # reads the header without torch where it can
+
+            return run_info(args)
+        from .commands import run_samplers  # lazy: imports torch
+
+        return run_samplers(args)
     # CheckpointError and UsageError are ValueErrors; MemoryError: an allocation the estimate did not foresee;
     # FloatingPointError: non-finite values, reported where they first appear with advice for the run's dtypes
     except (ValueError, TypeError, NotImplementedError, OSError, MemoryError, FloatingPointError) as e:

@@ -23,8 +23,10 @@ from ..families import Family
 from ..images import write_new_file
 from ..processing import process_images
 from ..sampling.samplers import SAMPLERS, TraceRecorder
+from ..sampling.schedules import SCHEDULERS
 from .explain import explain
 from .flags import DEFAULT_OUTDIRS, UsageError
+from .info import print_info
 from .jobs import Run, Task, _check_processing, _open_inputs, make_processing, prepare_run
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,30 +158,25 @@ def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path 
 # info, samplers
 
 
-def run_info(args) -> int:
-    """What a checkpoint is and why: family, reasons, parameters and file dtypes per component, model hash.
-
-    Reads only the file's header (`load_checkpoint(..., device="meta")`: names, shapes, dtypes, checked as a real
-    load checks them) and streams the sha256 in 1 MiB blocks, so memory does not grow with the file; the one
-    exception is an SD2 file with 4 input channels and neither --prediction nor a yaml beside it, whose UNet is
-    read to run A1111's v-prediction probe. Errors (CheckpointError: a folder, a missing, truncated, corrupt or
-    hostile file, a checkpoint without a VAE and no --vae) reach `main`, which prints one line and exits 2.
-    """
+def loaded_info(args) -> int:
+    """`sdcore info` through `load_checkpoint(..., device="meta")`: for the files `info.run_info`'s torch-free
+    reading passes on (legacy pickles, the SD2 probe, a file failing a check, whose error this load words). Only the
+    SD2 probe reads tensor data: the UNet's, to run it."""
     sd = load_checkpoint(args.ckpt, device="meta", vae=args.vae, prediction=args.prediction)
-    print(f"file: {args.ckpt}")
-    print(f"family: {sd.family.name} (prediction {sd.family.prediction}, native {sd.family.native_size} px)")
-    for r in sd.reasons:
-        print(f"  because: {r}")
-    for name, count in sd.parameter_counts().items():
-        dtypes = sd.component_file_dtypes.get(name, {})
-        shown = next(iter(dtypes)) if len(dtypes) == 1 else ", ".join(f"{k} x{n}" for k, n in dtypes.items())
-        print(f"{name}: {count:,} parameters, file dtype {shown or '-'}")
-    print("file dtypes: " + ", ".join(f"{k} x{n}" for k, n in sd.file_dtypes.items()))
-    print(f"model hash (sha256[:10]): {sd.shorthash()}")
+    print_info(args.ckpt, sd.family, sd.reasons, sd.parameter_counts(), sd.component_file_dtypes, sd.file_dtypes,
+               sd.shorthash())
     return 0
 
 
 def run_samplers(args) -> int:
+    """`sdcore samplers`: every sampler (name, aliases, the scheduler "Automatic" gives it), then the 12 schedulers
+    under the label A1111's "Schedule type" shows, with the name and aliases --scheduler also takes
+    (`schedules.SCHEDULERS`, A1111 `modules/sd_schedulers.py`, a1111-semantics §10.2)."""
+    print("samplers (--sampler-name; xyz axis 'sampler'):")
     for s in SAMPLERS:
         print(f"{s.name:20s} aliases: {', '.join(s.aliases) or '-':30s} scheduler: {s.scheduler or 'uniform'}")
+    print("\nschedulers (--scheduler; A1111 'Schedule type'; xyz axis 'scheduler'):")
+    for entry in SCHEDULERS:
+        note = "  (the sampler's scheduler above)" if entry.function is None else ""
+        print(f"{entry.label:20s} name: {entry.name:20s} aliases: {', '.join(entry.aliases) or '-'}{note}")
     return 0

@@ -231,6 +231,10 @@ def _hr_upscaler(v: str) -> str | None:
     return None if v in HR_UPSCALERS else f"allowed: {', '.join(map(repr, HR_UPSCALERS))}"
 
 
+def _folder(v: str) -> str | None:
+    return None if Path(v).is_dir() else f"an existing folder ({v} is not one)"
+
+
 def _randn_source(v: str) -> str | None:
     return None if v in RANDN_SOURCES else f"allowed: {', '.join(map(repr, RANDN_SOURCES))}"
 
@@ -349,6 +353,11 @@ FLAGS: tuple[Flag, ...] = (
          check=_between(1, 12), infotext="Clip skip", name="clip-skip"),
     Flag("opts.emphasis", str, "prompt emphasis mode: Original, No norm, Ignore, None", check=_emphasis,
          infotext="Emphasis"),
+    Flag("opts.lora_dir", str, "folder of LoRA / LyCORIS files (searched recursively) for the prompt's "
+         "<lora:name:te:unet> tags; name = file stem", check=_folder),
+    Flag("opts.embeddings_dir", str, "folder of textual-inversion embeddings (searched recursively); a prompt uses "
+         "one by writing its file stem", check=_folder),
+    Flag("disable_extra_networks", bool, "cut <lora:...> tags out of the prompt but apply no network"),
     Flag("opts.sigma_min", float, "schedule's smallest sigma (0 = the model's)", check=NON_NEGATIVE,
          infotext="Schedule min sigma"),
     Flag("opts.sigma_max", float, "schedule's largest sigma (0 = the model's)", check=NON_NEGATIVE,
@@ -371,11 +380,11 @@ FIELDS_WITHOUT_FLAG = {
     "styles": "styles are not supported", "restore_faces": "not implemented", "tiling": "not implemented",
     "do_not_save_samples": "the CLI always saves", "do_not_save_grid": "no grids are written",
     "extra_generation_params": "written by processing", "overlay_images": "internal state",
-    "do_not_reload_embeddings": "no embeddings", "ddim_discretize": "not implemented",
+    "do_not_reload_embeddings": "embeddings are read once per job", "ddim_discretize": "not implemented",
     "override_settings": "the opts flags", "override_settings_restore_afterwards": "no global settings",
     "sampler_index": "--sampler-name",
     "token_merging_ratio": "not implemented", "token_merging_ratio_hr": "not implemented",
-    "disable_extra_networks": "no extra networks", "firstpass_image": "not implemented", "comments": "internal",
+    "firstpass_image": "not implemented", "comments": "internal",
     "firstphase_width": "legacy hires field, not implemented", "firstphase_height": "legacy hires field, not "
     "implemented", "hr_checkpoint_name": "not implemented",
     "opts": "the opts flags",
@@ -420,6 +429,7 @@ OPTIONS_DEFAULTS = {
     "CLIP_stop_at_last_layers": 1, "emphasis": "Original", "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
     "use_old_scheduling": False, "always_discard_next_to_last_sigma": False, "use_old_karras_scheduler_sigmas": False,
     "save_to_dirs": True, "vae_encode_sample": True, "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6,
+    "lora_dir": None, "embeddings_dir": None,
 }
 _COMMON_DEFAULTS = {  # StableDiffusionProcessing; "opts" defaults to Options() (OPTIONS_DEFAULTS)
     "sd_model": None, "outpath_samples": None, "outpath_grids": None, "prompt": "", "prompt_for_display": None,
@@ -578,9 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("ckpt", type=Path, nargs="?", default=DEFAULT_CKPT)
     info.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file")
     info.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
-    sub.add_parser("samplers", help="list sampler names, aliases and default schedulers")
+    sub.add_parser("samplers", help="list sampler names, aliases and default schedulers, and the schedulers")
     add_batch_parser(sub)
     add_serve_parser(sub)
+    add_xyz_parser(sub)
     return ap
 
 
@@ -676,6 +687,66 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--ignore-unknown-fields", action="store_true", help="ignore request fields A1111's API does "
                     "not have, as A1111 does (default: 422 naming them)")
     return ap
+
+
+XYZ_HELP = """\
+xyz: A1111's X/Y/Z plot. Every combination of the axis values is one cell, a run of the job with those values
+(the same seed in every cell unless seed is an axis; a cell is the image the single run gives, byte for byte);
+the cells make a grid PNG with the X labels on top and the Y labels on the left, one grid per Z value side by side.
+
+axis types (--x-type / --y-type / --z-type; A1111's labels such as 'CFG Scale' or 'Prompt S/R' work too):
+  sampler, scheduler, steps, cfg_scale, denoising_strength, seed, mask_blur, inpainting_fill (0-3 or fill,
+  original, 'latent noise', 'latent nothing'), mask_blend (a1111, xt, soft_inpainting, differential), prompt_sr
+  (the first value is searched for in the prompt and the negative prompt and replaced by each value), nothing.
+  `sdcore samplers` lists every sampler and scheduler name.
+
+axis values (A1111's syntax): a comma-separated list, quotes keep commas ('"a, b",c'); numbers also take ranges:
+  1-5 -> 1,2,3,4,5   1-10 (+3) -> 1,4,7,10   10-1 (-3) -> 10,7,4,1   1-10 [4] -> 1,4,7,10 (4 values)
+  0.25-1 (+0.25) -> 0.25,0.5,0.75,1.0   0-1 [3] -> 0.0,0.5,1.0
+
+--equal-nfe compares samplers at equal model calls: a steps value N is a budget of N model calls (the steps axis
+  value, else --steps) and each cell runs the most steps that make at most N calls (counted on a dry run of the
+  real pipeline: Heun 2 per step but 1 into sigma 0, img2img int(strength x steps) + 1 steps, ...); the cells are
+  captioned with the steps and calls they ran. --explain prints every cell's steps and model calls, writes nothing.
+
+outputs: the grid (--grid FILE.png, or <outdir>/<date>/xyz_grid-NNNN-<seed>.png) with the first cell's infotext
+  plus 'Script: X/Y/Z plot, X Type, X Values, ...'; beside it <grid>.json with every cell's infotext, values, seed,
+  steps and model calls; with --save-cells every cell's PNG (<grid>-x<i>-y<j>-z<k>.png). Never overwritten.
+"""
+
+
+def add_xyz_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `xyz` command (run by sdcore/xyz.py) to the sdcore parser's subparsers; returns its parser. The
+    processing flags are the img2img command's; with --txt2img the img2img-only ones are refused."""
+    sp = subparsers.add_parser("xyz", help="X/Y/Z plot: a labelled grid over samplers, steps, CFG, strength, ...",
+                               description=XYZ_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("init", type=Path, nargs="?", help="init image file (img2img / inpainting; omit with --txt2img)")
+    sp.add_argument("--txt2img", action="store_true", help="txt2img cells (no init image)")
+    for axis in "xyz":
+        sp.add_argument(f"--{axis}-type", metavar="TYPE", help=f"what the {axis.upper()} axis changes (see above)")
+        sp.add_argument(f"--{axis}-values", metavar="LIST", help=f"the {axis.upper()} axis values (see above)")
+    sp.add_argument("--equal-nfe", action="store_true", help="steps values are model-call budgets (see above)")
+    sp.add_argument("--grid", type=Path, metavar="FILE.png", help="the grid file to write (its folder must exist)")
+    sp.add_argument("--outdir", type=Path, default=None, help="folder for xyz_grid-NNNN-<seed>.png when --grid is "
+                    "not given; default outputs/img2img-grids (txt2img-grids with --txt2img)")
+    sp.add_argument("--save-cells", action="store_true", help="also write every cell's PNG beside the grid")
+    sp.add_argument("--margin-size", type=int, default=0, metavar="PX", help="grid margins between cells (A1111 "
+                    "'Grid margins (px)', default 0)")
+    sp.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint .safetensors/.ckpt (LDM layout); "
+                    "default: the bundled tiny model")
+    sp.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file replacing the checkpoint's")
+    sp.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    sp.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="UNet and text-encoder dtype (the VAE runs in float32)")
+    sp.add_argument("--threads", type=_threads, default=0, metavar="N", help="CPU threads of torch; default 0 = "
+                    "auto (as img2img)")
+    sp.add_argument("--explain", action="store_true", help="print every cell's sampler, steps and model calls "
+                    "without running the UNet; writes nothing")
+    sp.add_argument("--from-infotext", type=Path, metavar="FILE", help="the job's parameters from a PNG's A1111 "
+                    "'parameters' text (or a .txt file); flags given on the command line win")
+    _add_processing_flags(sp, "img2img")
+    return sp
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..extra_networks import all_lora_requests, find_lora
 from ..files import checkpoint_path_problem
 from .flags import UsageError, check_readable, open_image, processing_class, processing_flags, resolve_values
 
@@ -203,4 +204,19 @@ def prepare_run(args) -> Run:
             check_readable(path, arg)
     for task in todo:
         _open_inputs(task, values)  # decoded once here so that a bad file stops the run before the model loads
+    if todo:
+        check_lora_names(values)
     return Run(command, values, tasks, todo, batch)
+
+
+def check_lora_names(values: dict[str, Any]) -> None:
+    """Every `<lora:name:...>` tag of the prompts is well formed and names a file in --lora-dir (before any model
+    loads). Raises UsageError naming the tag and the names available."""
+    if values.get("disable_extra_networks"):
+        return
+    texts = [values.get("prompt") or ""] + ([values["hr_prompt"]] if values.get("hr_prompt") else [])
+    try:
+        for request in all_lora_requests(texts):
+            find_lora(request.name, values.get("opts.lora_dir"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None

@@ -1,8 +1,8 @@
 """The README's main job: img2img and inpainting on a real photo with the bundled default checkpoint.
 
 Photo: scikit-image's `astronaut` (public domain, NASA), shipped inside the scikit-image package. Writes, into a new
-numbered folder under --outdir (nothing existing is overwritten): the input, the mask, the img2img result and the
-inpainting result, and prints their paths.
+numbered folder under --outdir (nothing existing is overwritten): the input, the mask, the img2img result, the
+inpainting result and an X/Y/Z grid of samplers x steps (with its .json sidecar), and prints their paths.
 """
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sdcore  # noqa: E402
+from sdcore import xyz  # noqa: E402
 from sdcore.cli import DEFAULT_CKPT  # noqa: E402
+
+XYZ_SAMPLERS = "Euler a,Euler,DPM++ 2M,Heun,DPM++ SDE,DDIM"  # the README's X/Y/Z grid
+XYZ_STEPS = "4,8,16,32"
 
 
 def next_free_dir(root: Path) -> Path:
@@ -74,6 +78,14 @@ def main() -> int:
         processed.images[0].save(path, pnginfo=info)
         print(f"{name}: {path}")
         print(f"  {processed.info}")
+    # A1111's X/Y/Z plot (`sdcore xyz`): samplers x steps of img2img at strength 0.5, the same seed in every cell
+    # (the README's grid; its sidecar .json holds every cell's infotext).
+    p = sdcore.StableDiffusionProcessingImg2Img(sd_model=sd, init_images=[photo], prompt="a yellow circle",
+                                                denoising_strength=0.5, cfg_scale=7.0, seed=args.seed, width=size,
+                                                height=size)
+    plot = xyz.xyz_plot(p, xyz.parse_axis("sampler", XYZ_SAMPLERS), xyz.parse_axis("steps", XYZ_STEPS))
+    grid = xyz.save_plot(plot, grid_path=out / "xyz_samplers_steps.png")[0]
+    print(f"xyz: {grid}\n  {XYZ_SAMPLERS} x steps {XYZ_STEPS}")
     print(f"input: {out / 'input.png'}\nmask: {out / 'mask.png'}")
     return 0
 

@@ -543,19 +543,24 @@ def _argparse_float(text: str, allow_inf: bool) -> float:
         raise argparse.ArgumentTypeError(f"invalid finite number: {text!r}") from None
 
 
-def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
-    if command != "txt2img":
-        ap.add_argument("init", type=Path, nargs="?", help="init image file (or use --input-dir)")
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+    """--ckpt, --vae, --prediction, --device, --dtype: which model and where it runs (every command that loads one)."""
     ap.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint .safetensors/.ckpt (LDM layout); "
                     "default: the bundled tiny model")
-    ap.add_argument("--outdir", type=Path, default=None, help=f"where PNGs are written, A1111 names "
-                    f"(<outdir>/<YYYY-MM-DD>/00000-<seed>.png); default {DEFAULT_OUTDIRS[command]}")
     ap.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file replacing the checkpoint's")
     ap.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type (SD2-768 "
                     "models are v; default: NAME.yaml beside the checkpoint, else A1111's probe)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="UNet and text-encoder dtype (the VAE runs in float32)")
+
+
+def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
+    if command != "txt2img":
+        ap.add_argument("init", type=Path, nargs="?", help="init image file (or use --input-dir)")
+    add_model_flags(ap)
+    ap.add_argument("--outdir", type=Path, default=None, help=f"where PNGs are written, A1111 names "
+                    f"(<outdir>/<YYYY-MM-DD>/00000-<seed>.png); default {DEFAULT_OUTDIRS[command]}")
     ap.add_argument("--threads", type=_threads, default=0, metavar="N", help="CPU threads of torch; default 0 = "
                     "auto: 1 for small jobs (UNet rows x latent cells x model channels^2 <= 2**20, e.g. the bundled "
                     "tiny model at 64 px), where more threads cost more than they save, else torch's default")
@@ -672,13 +677,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve POST /sdapi/v1/txt2img and /sdapi/v1/img2img with A1111's request and response fields "
                     "(also GET /sdapi/v1/samplers, /schedulers, /sd-models; the schema at /docs). The model is "
                     "loaded once; requests run one at a time in arrival order. A bad field is a 422 naming it.")
-    ap.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint .safetensors/.ckpt (LDM layout); "
-                    "default: the bundled tiny model")
-    ap.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file replacing the checkpoint's")
-    ap.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
-    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                    help="UNet and text-encoder dtype (the VAE runs in float32)")
+    add_model_flags(ap)
     ap.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 "
                     "for every interface: there is no authentication)")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}, A1111's)")
@@ -732,13 +731,7 @@ def add_xyz_parser(subparsers) -> argparse.ArgumentParser:
     sp.add_argument("--save-cells", action="store_true", help="also write every cell's PNG beside the grid")
     sp.add_argument("--margin-size", type=int, default=0, metavar="PX", help="grid margins between cells (A1111 "
                     "'Grid margins (px)', default 0)")
-    sp.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint .safetensors/.ckpt (LDM layout); "
-                    "default: the bundled tiny model")
-    sp.add_argument("--vae", type=Path, metavar="FILE", help="a separate VAE file replacing the checkpoint's")
-    sp.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
-    sp.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
-    sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                    help="UNet and text-encoder dtype (the VAE runs in float32)")
+    add_model_flags(sp)
     sp.add_argument("--threads", type=_threads, default=0, metavar="N", help="CPU threads of torch; default 0 = "
                     "auto (as img2img)")
     sp.add_argument("--explain", action="store_true", help="print every cell's sampler, steps and model calls "

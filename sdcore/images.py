@@ -22,12 +22,9 @@ from collections.abc import Callable, Iterable
 from numbers import Real
 from pathlib import Path
 
-import cv2
 import numpy as np
-import scipy.ndimage
 import torch
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
-from skimage import exposure
 
 RESIZE_MODES = {
     0: "Just resize",
@@ -408,6 +405,8 @@ def _gaussian_blur_u8_axis(a: np.ndarray, sigma: float, axis: int) -> np.ndarray
     image). Float64 holds the integer sums (< 2^17) exactly.
     """
     k = gaussian_kernel_u8(mask_blur_kernel_size(sigma), sigma)
+    import scipy.ndimage  # lazy, as cv2 and skimage below: a cold CLI run imports only what it uses
+
     sums = scipy.ndimage.correlate1d(a.astype(np.float64), k.astype(np.float64), axis=axis, mode="mirror")
     return ((sums.astype(np.int64) + 128) >> 8).astype(np.uint8)
 
@@ -591,6 +590,8 @@ def setup_color_correction(image: Image.Image) -> np.ndarray:
     Reference: `modules/processing.py` `setup_color_correction`. Raises ValueError for an image not in mode "RGB".
     """
     _check_mode("image", image, ("RGB",))
+    import cv2
+
     return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2LAB)
 
 
@@ -617,6 +618,9 @@ def apply_color_correction(correction: np.ndarray, image: Image.Image) -> Image.
                          f"{correction.dtype} {correction.shape}")
     generated = np.asarray(image)
     # match_histograms writes the matched float channels into an array of the input's dtype: uint8, truncated.
+    import cv2
+    from skimage import exposure
+
     matched = exposure.match_histograms(cv2.cvtColor(generated, cv2.COLOR_RGB2LAB), correction, channel_axis=2)
     corrected = cv2.cvtColor(matched, cv2.COLOR_LAB2RGB)
     blended = set_luminosity(corrected / 255.0, luminosity(generated / 255.0))

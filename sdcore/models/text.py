@@ -151,7 +151,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"TextConfig.width={config.width} is not divisible by heads={config.heads}")
         self.config = config
         with torch.device("meta"):
-            self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+            # _weight given: nn.Embedding skips its normal_ init, whose meta-device path imports torch._dynamo (2-3 s)
+            self.token_embedding = nn.Embedding(config.vocab_size, config.width,
+                                                _weight=torch.empty(config.vocab_size, config.width))
             self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
             self.transformer = Transformer(config.width, config.layers, config.heads, ACTIVATIONS[config.act])
             self.ln_final = LayerNorm(config.width)
@@ -351,10 +353,14 @@ def _open_clip_tokenizer_module() -> ModuleType:
 
 
 def load_tokenizer():
-    """open_clip's CLIP BPE tokenizer (`SimpleTokenizer`; its vocabulary `bpe_simple_vocab_16e6.txt.gz` ships with
-    the open_clip package, nothing is downloaded). Text is ftfy-fixed, whitespace-collapsed and lower-cased.
+    """open_clip's CLIP BPE tokenizer: the `SimpleTokenizer` its tokenizer.py builds, shared (its vocabulary
+    `bpe_simple_vocab_16e6.txt.gz` ships with the open_clip package, nothing is downloaded). Text is ftfy-fixed,
+    whitespace-collapsed and lower-cased.
 
     `encode(text) -> list[int]` gives ids without BOS/EOS; `sot_token_id` = 49406 (BOS), `eot_token_id` = 49407
     (EOS); `encoder[",</w>"]` = 267 (a1111-semantics §11.4). Raises ImportError when open-clip-torch is missing.
     """
-    return _open_clip_tokenizer_module().SimpleTokenizer()
+    module = _open_clip_tokenizer_module()
+    # tokenizer.py builds a default SimpleTokenizer when imported (`_tokenizer`); building another costs ~0.3 s
+    shared = getattr(module, "_tokenizer", None)
+    return shared if isinstance(shared, module.SimpleTokenizer) else module.SimpleTokenizer()

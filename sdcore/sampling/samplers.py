@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchsde
 from safetensors import safe_open
 from safetensors.torch import save_file
-from scipy import integrate
 from tqdm.auto import tqdm, trange
 
 from .schedules import SCHEDULERS
@@ -263,6 +261,8 @@ def linear_multistep_coeff(order: int, t, i: int, j: int) -> float:
             if k != j:
                 prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
         return prod
+
+    from scipy import integrate  # lazy: ~1.5 s to import, only LMS needs it
 
     return integrate.quad(basis, t[i], t[i + 1], epsrel=1e-4)[0]
 
@@ -775,6 +775,8 @@ class BrownianTreeNoiseSampler:
             raise ValueError(f"sigma_min and sigma_max give an empty interval ({float(sigma_min):g})")
         t0, t1, self.sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
         w0 = torch.zeros_like(x[0])
+        import torchsde  # lazy: only the SDE samplers need it
+
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(seed)) for seed in seeds]
         self.start, self.end = round(float(t0), self.DECIMALS), round(float(t1), self.DECIMALS)  # the trees' ends
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 
 from .denoisers import DiscreteSchedule
@@ -185,6 +184,8 @@ def beta(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, beta: f
     _check_range(sigma_min, sigma_max)
     if not (alpha > 0 and beta > 0):
         raise ValueError(f"beta schedule needs alpha > 0 and beta > 0, got alpha={alpha}, beta={beta}")
+    from scipy import stats  # lazy: scipy.stats takes ~1-2 s to import and only this scheduler needs it
+
     quantiles = stats.beta.ppf(1 - np.linspace(0, 1, n), alpha, beta)
     sigmas = sigma_min + quantiles * (sigma_max - sigma_min)
     return torch.tensor(sigmas.tolist() + [0.0], dtype=torch.float32)

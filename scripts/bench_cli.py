@@ -105,10 +105,11 @@ def bench_start(repeats: int) -> None:
               extra=f"wall {run['wall']:.1f} s (hashing), exit {run['rc']}")
     print("where a cold run's time goes (imports, each after the ones above it):")
     code = ("import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter();"
-            "import open_clip.tokenizer; t2 = time.perf_counter();"
+            "from sdcore.models.text import load_tokenizer; load_tokenizer(); t2 = time.perf_counter();"
             "import sdcore.cli.commands; t3 = time.perf_counter(); print(t1 - t0, t2 - t1, t3 - t2)")
     runs = [[float(x) for x in _child([sys.executable, "-c", code])["out"].split()] for _ in range(repeats)]
-    names = ("import torch", "import open_clip (models/text.py)", "import the rest of sdcore.cli.commands")
+    names = ("import torch (the floor of any run)", "tokenizer (open_clip's tokenizer.py)",
+             "import the rest of sdcore.cli.commands")
     for i, name in enumerate(names):
         _line(name, statistics.median(r[i] for r in runs), None)
 

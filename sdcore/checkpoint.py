@@ -239,8 +239,9 @@ def _one_line(error: Exception) -> str:
     """The informative line of an exception (torch's weights-only errors wrap it in a paragraph of advice)."""
     text = str(error)
     m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-    line = m.group(1) if m else next((ln for ln in text.splitlines() if ln.strip()), type(error).__name__)
-    return " ".join(line.split())
+    line = m.group(1) if m else next((ln for ln in text.splitlines() if ln.strip()), "")
+    # torch leaves the reason empty for a plain pickle.dump file (it is not a torch.save archive)
+    return " ".join(line.split()) or f"{type(error).__name__}: not a torch.save file"
 
 
 def read_pickle_object(path: Path, what: str, stand_ins: tuple[tuple[type, str], ...] = ()) -> Any:

@@ -405,3 +405,14 @@ def test_info_peak_memory_does_not_grow_with_the_file(tmp_path, sd1_tiny_path):
         while block := f.read(1 << 24):
             h.update(block)
     assert out.splitlines()[-1] == f"model hash (sha256[:10]): {h.hexdigest()[:10]}"
+
+
+def test_a_plain_pickle_dump_names_what_it_is_not(tmp_path):
+    """torch's weights-only reader gives no reason for a plain pickle.dump file; the message still says one."""
+    import pickle
+
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match=r"is not a readable torch checkpoint \(UnpicklingError: not a "
+                                              r"torch.save file\); allowed: a torch.save pickle"):
+        open_state_dict(path)

@@ -2,7 +2,8 @@
 
 Photo: scikit-image's `astronaut` (public domain, NASA), shipped inside the scikit-image package. Writes, into a new
 numbered folder under --outdir (nothing existing is overwritten): the input, the mask, the img2img result, the
-inpainting result and an X/Y/Z grid of samplers x steps (with its .json sidecar), and prints their paths.
+inpainting result, an X/Y/Z grid of samplers x steps (with its .json sidecar), and the same seed's txt2img "a red
+star" without and with the bundled star LoRA (`<lora:sdcore-tiny-star-lora:1>`), and prints their paths.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from sdcore.cli import DEFAULT_CKPT  # noqa: E402
 
 XYZ_SAMPLERS = "Euler a,Euler,DPM++ 2M,Heun,DPM++ SDE,DDIM"  # the README's X/Y/Z grid
 XYZ_STEPS = "4,8,16,32"
+STAR_LORA = Path(sdcore.__file__).parent / "weights" / "sdcore-tiny-star-lora.safetensors"  # weights/README.md
 
 
 def next_free_dir(root: Path) -> Path:
@@ -86,6 +88,18 @@ def main() -> int:
     plot = xyz.xyz_plot(p, xyz.parse_axis("sampler", XYZ_SAMPLERS), xyz.parse_axis("steps", XYZ_STEPS))
     grid = xyz.save_plot(plot, grid_path=out / "xyz_samplers_steps.png")[0]
     print(f"xyz: {grid}\n  {XYZ_SAMPLERS} x steps {XYZ_STEPS}")
+    # The star LoRA teaches the tiny model a shape it cannot draw: the same seed without and with it.
+    for name, tag in (("lora-base", ""), ("lora-star", f" <lora:{STAR_LORA.stem}:1>")):
+        p = sdcore.StableDiffusionProcessingTxt2Img(
+            sd_model=sd, prompt="a red star" + tag, sampler_name="DPM++ 2M", scheduler="karras", steps=args.steps,
+            cfg_scale=6.0, seed=args.seed, width=size, height=size,
+            opts=sdcore.Options(lora_dir=str(STAR_LORA.parent)))
+        processed = sdcore.process_images(p, disable_progress=True)
+        path = out / f"{name}.png"
+        info = PngInfo()
+        info.add_text("parameters", processed.info)
+        processed.images[0].save(path, pnginfo=info)
+        print(f"{name}: {path}\n  {processed.info}")
     print(f"input: {out / 'input.png'}\nmask: {out / 'mask.png'}")
     return 0
 

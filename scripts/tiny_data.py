@@ -13,6 +13,8 @@ Everything is made locally and deterministically from a `numpy.random.Generator`
 `detect_scene(image)` is the pixel-statistics detector that eval_tiny.py uses to check colour and shape: background
 = median of the 2-pixel border, object = pixels far from it, colour = nearest palette entry to the object's median
 colour, shape = nearest prototype in (bbox fill ratio, top/bottom mass ratio, corner occupancy, middle fill).
+`detect_star(image)` reads the fifth shape, "star" (EXTRA_SHAPES: not in the base model's data, taught by the LoRA
+of train_lora_tiny.py), from the 5-fold harmonic of the same object's outline (`radial_harmonics`).
 
 Glossary: H, W = 64 pixels; images are uint8 [H, W, 3] RGB unless said otherwise.
 """
@@ -39,6 +41,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
+# Shapes the base model never saw; "star" is taught by the LoRA of scripts/train_lora_tiny.py (weights/README.md).
+EXTRA_SHAPES = ("star",)
+# Outer radius ranges of a star in pixels, (without a position, with one). A star covers only 36 % of its circumcircle
+# and the VAE (8 px latent cells) fills the notches of stars under ~15 px, so stars are drawn larger than the
+# (12, 20) / (7, 11) of the other shapes.
+STAR_RADII = ((15.0, 22.0), (9.0, 12.0))
+STAR_INNER = 0.38197  # inner / outer radius of the regular pentagram {5/2}: cos(72 deg) / cos(36 deg)
 # Centre of each named position, as fractions of the image side (x, y).
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (0.25, 0.25), "top": (0.5, 0.25), "top right": (0.75, 0.25),
@@ -173,10 +182,11 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE
     """Anti-aliased coverage in [0, 1], float32 [size, size], of a shape centred at (cx, cy) pixels.
 
     `radius` is half the side of the shape's bounding square in pixels (the triangle points up, the cross has arms
-    one third of its side wide).
+    one third of its side wide; the star is the regular pentagram with outer radius `radius`, one point up, moved
+    down by (1 - cos 36 deg) / 2 * radius so that its bounding box is centred at (cx, cy)).
     """
-    if shape not in SHAPES:
-        raise ValueError(f"shape={shape!r}; allowed: {SHAPES}")
+    if shape not in SHAPES + EXTRA_SHAPES:
+        raise ValueError(f"shape={shape!r}; allowed: {SHAPES + EXTRA_SHAPES}")
     n = size * SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / SUPERSAMPLE
     x = coords[None, :] - cx
@@ -188,6 +198,8 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE
     elif shape == "triangle":
         # apex (0, -r), base corners (+-r, r): inside when |x| <= r * (y + r) / (2 r) and y <= r
         inside = (y <= radius) & (np.abs(x) <= (y + radius) / 2)
+    elif shape == "star":
+        inside = _inside_star(x, y - (1 - np.cos(np.pi / 5)) / 2 * radius, radius)
     else:
         arm = radius / 3
         box = (np.abs(x) <= radius) & (np.abs(y) <= radius)
@@ -196,20 +208,41 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE
     return cover
 
 
+def _inside_star(x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """Points (x, y), relative to the centre, inside the regular pentagram of outer radius `radius`, one point up.
+
+    Folding the angle into one 36-degree wedge between an inner vertex I (radius STAR_INNER * radius) and an outer
+    vertex O, the star is the triangle (centre, I, O) there: inside <=> the point is on the centre's side of line IO.
+    """
+    wedge = np.pi / 5
+    angle = np.arctan2(x, -y)  # 0 = up
+    folded = np.abs(np.mod(angle, 2 * wedge) - wedge)  # 0 at an inner vertex, 36 deg at an outer vertex
+    rho = np.hypot(x, y)
+    px, py = rho * np.cos(folded), rho * np.sin(folded)
+    ix = STAR_INNER * radius
+    ox, oy = radius * np.cos(wedge), radius * np.sin(wedge)
+    # sign of cross((O - I), (P - I)); the centre gives cross((O - I), -I) = oy * ix > 0
+    return (ox - ix) * py - oy * (px - ix) >= 0
+
+
 def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: float) -> np.ndarray:
     return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
 
 
 def sample_scene(rng: np.random.Generator, photo_background_p: float = 0.25,
-                 photo_split: str = "train") -> tuple[np.ndarray, Scene]:
+                 photo_split: str = "train", shapes: tuple[str, ...] = SHAPES) -> tuple[np.ndarray, Scene]:
     """Draw one scene: (uint8 [64, 64, 3], Scene).
 
     Half the captions name a position, half name the background; an unnamed background is a photo crop with
     probability `photo_background_p` (so inpainting on photos has seen shapes over photos), otherwise a palette colour.
+    The shape is drawn uniformly from `shapes` (SHAPES, the base model's; EXTRA_SHAPES for the LoRA); the random
+    draws are the same for every `shapes` of the same length, only a star's radius range differs (STAR_RADII).
     """
+    if not shapes or any(s not in SHAPES + EXTRA_SHAPES for s in shapes):
+        raise ValueError(f"shapes={shapes!r}; allowed: a non-empty tuple of {SHAPES + EXTRA_SHAPES}")
     colours = list(PALETTE)
     colour = colours[rng.integers(len(colours))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
+    shape = shapes[rng.integers(len(shapes))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))] if rng.random() < 0.5 else None
     named_bg = rng.random() < 0.5
     photo_bg = (not named_bg) and rng.random() < photo_background_p
@@ -221,10 +254,10 @@ def sample_scene(rng: np.random.Generator, photo_background_p: float = 0.25,
         bg_name = others[rng.integers(len(others))]
         canvas = np.broadcast_to(_jitter(PALETTE[bg_name], rng, 12), (SIZE, SIZE, 3)).astype(np.float32)
     if position is None:
-        radius = rng.uniform(12, 20)
+        radius = rng.uniform(*(STAR_RADII[0] if shape == "star" else (12, 20)))
         cx, cy = SIZE / 2 + rng.uniform(-4, 4, 2)
     else:
-        radius = rng.uniform(7, 11)
+        radius = rng.uniform(*(STAR_RADII[1] if shape == "star" else (7, 11)))
         fx, fy = POSITIONS[position]
         cx, cy = fx * SIZE + rng.uniform(-3, 3), fy * SIZE + rng.uniform(-3, 3)
     cover = shape_mask(shape, cx, cy, radius)[..., None]
@@ -275,11 +308,11 @@ def nearest_colour(rgb: np.ndarray) -> str:
     return names[int(np.argmin(dist))]
 
 
-def detect_scene(image: np.ndarray, threshold: float = 60.0, min_pixels: int = 20) -> Detection:
-    """Detect the single shape in a uint8 [64, 64, 3] image by pixel statistics.
+def object_mask(image: np.ndarray, threshold: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """(bool [H, W] object mask, float32 [3] background colour) of a uint8 [H, W, 3] image, as `detect_scene` sees it.
 
-    Background = per-channel median of the 2-pixel border; object pixels are farther than `threshold` (sRGB
-    Euclidean) from it, keeping the largest 4-connected component. Fewer than `min_pixels` -> no object.
+    Background = per-channel median of the 2-pixel border; the mask is the largest 4-connected component of the
+    pixels farther than `threshold` (sRGB Euclidean) from it (all False when there is none).
     """
     from scipy import ndimage
 
@@ -292,9 +325,23 @@ def detect_scene(image: np.ndarray, threshold: float = 60.0, min_pixels: int = 2
     far = np.linalg.norm(img - bg, axis=2) > threshold
     labels, count = ndimage.label(far)
     if count == 0:
-        return Detection(None, None, tuple(bg), 0.0, None)
+        return far, bg
     sizes = ndimage.sum(far, labels, index=np.arange(1, count + 1))
-    mask = labels == (1 + int(np.argmax(sizes)))
+    return labels == (1 + int(np.argmax(sizes))), bg
+
+
+def detect_scene(image: np.ndarray, threshold: float = 60.0, min_pixels: int = 20) -> Detection:
+    """Detect the single shape in a uint8 [64, 64, 3] image by pixel statistics.
+
+    Background = per-channel median of the 2-pixel border; object pixels are farther than `threshold` (sRGB
+    Euclidean) from it, keeping the largest 4-connected component. Fewer than `min_pixels` -> no object.
+    """
+    from scipy import ndimage
+
+    img = image.astype(np.float32)
+    mask, bg = object_mask(image, threshold)
+    if not mask.any():
+        return Detection(None, None, tuple(bg), 0.0, None)
     if mask.sum() < min_pixels:
         return Detection(None, None, tuple(bg), float(mask.mean()), None)
     core = ndimage.binary_erosion(mask) if mask.sum() > 60 else mask
@@ -305,3 +352,51 @@ def detect_scene(image: np.ndarray, threshold: float = 60.0, min_pixels: int = 2
     shape = min(protos, key=lambda s: float(np.sum(((feats - protos[s]) * scale) ** 2)))
     ys, xs = np.nonzero(mask)
     return Detection(colour, shape, tuple(bg), float(mask.mean()), (float(xs.mean()), float(ys.mean())))
+
+
+def radial_harmonics(mask: np.ndarray, kmax: int = 8, n_angles: int = 180, step: float = 0.25) -> np.ndarray:
+    """Rotation-invariant shape signature of a bool [H, W] mask: float32 [kmax], entry k-1 = |c_k| * 2 / c_0.
+
+    r(theta) = distance from the mask's centroid to the first exit from the (bilinearly sampled, holes filled) mask
+    along the ray at angle theta, for `n_angles` angles, sampled every `step` pixels; c_k = its discrete Fourier
+    coefficients. A k-fold rotationally symmetric outline has only harmonics that are multiples of k: a regular
+    pentagram (r between 0.382 R and R) has entry 4 (k = 5) 0.38 (0.35 when drawn at 64 px), a circle, square or
+    cross (4-fold) none, the tiny world's isosceles triangle (mirror symmetry only) about 0.04. All zeros for an empty mask or
+    one whose centroid lies outside it.
+    """
+    from scipy import ndimage
+
+    if mask.ndim != 2 or mask.dtype != bool:
+        raise ValueError(f"mask must be bool [H, W]; got {mask.dtype} {mask.shape}")
+    if not mask.any():
+        return np.zeros(kmax, np.float32)
+    solid = ndimage.binary_fill_holes(mask)
+    ys, xs = np.nonzero(solid)
+    cy, cx = ys.mean(), xs.mean()
+    if not solid[int(round(cy)), int(round(cx))]:
+        return np.zeros(kmax, np.float32)
+    theta = np.arange(n_angles) * 2 * np.pi / n_angles
+    s = np.arange(0, float(np.hypot(*mask.shape)), step)
+    yy = cy - s[None, :] * np.cos(theta)[:, None]  # theta = 0 points up, as the star's first point
+    xx = cx + s[None, :] * np.sin(theta)[:, None]
+    inside = ndimage.map_coordinates(solid.astype(np.float32), [yy.ravel(), xx.ravel()], order=1, cval=0.0)
+    inside = inside.reshape(n_angles, len(s)) > 0.5
+    r = np.cumprod(inside, axis=1).sum(axis=1) * step  # [n_angles]: run length from the centre to the first exit
+    coef = np.abs(np.fft.rfft(r)) / n_angles
+    return (2 * coef[1:kmax + 1] / max(float(coef[0]), 1e-6)).astype(np.float32)
+
+
+def detect_star(image: np.ndarray, min_fifth: float = 0.08, threshold: float = 60.0, min_pixels: int = 20) -> bool:
+    """Whether a uint8 [64, 64, 3] image shows a five-pointed star (the LoRA concept of scripts/train_lora_tiny.py).
+
+    The object is `object_mask(image, threshold)` (as in `detect_scene`); it is a star when it has at least
+    `min_pixels` pixels and the fifth harmonic of its radial profile (`radial_harmonics`) is at least `min_fifth`
+    and the largest of harmonics 1-8. The thresholds were set on VAE reconstructions of true scenes (weights/README.md,
+    LoRA card): 0.08 passes about 88 % of plain-background stars and none of 230 circles, squares, triangles and
+    crosses; on photo backgrounds the border-median background model breaks down and few stars are read.
+    """
+    mask, _ = object_mask(image, threshold)
+    if mask.sum() < min_pixels:
+        return False
+    h = radial_harmonics(mask)
+    return bool(h[4] >= min_fifth and h[4] >= h.max())

@@ -69,6 +69,34 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class LatentRGB:
+    """The "Approx cheap" live preview of a latent space: `rgb = latent @ matrix + bias` per latent cell.
+
+    `matrix` rows are latent channels (4), columns R, G, B; the input is the scaled latent (what the sampler's
+    `denoised` holds) and the output is roughly in [-1, 1] like the VAE's pixels. `source` says where the numbers
+    come from. Used by `sdcore.previews.approx_cheap`.
+    """
+
+    matrix: tuple[tuple[float, float, float], ...]
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    source: str = ""
+
+
+# A1111 v1.10.1 `modules/sd_vae_approx.py` `cheap_approximation` (no bias), a1111-semantics §7.2.
+SD1_LATENT_RGB = LatentRGB(((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264),
+                            (-0.184, -0.271, -0.473)), source="A1111 sd_vae_approx.cheap_approximation (SD1/SD2)")
+SDXL_LATENT_RGB = LatentRGB(((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250), (0.1074, 0.0886, -0.0163),
+                             (-0.3730, -0.2499, -0.2088)), source="A1111 sd_vae_approx.cheap_approximation (SDXL)")
+# Fitted for the bundled tiny model's VAE by scripts/fit_approx_cheap.py (its defaults: least squares with a bias over
+# the 262,144 latent cells of 4096 training-distribution scenes, seed 0), which prints these numbers. RMSE against
+# each 8x8 pixel block's mean colour, in [-1, 1] units: 0.281 on the fit's scenes, 0.278 (35 levels of 255) on 4096
+# fresh ones (seed 1), where SD1's matrix above scores 0.956.
+TINY_LATENT_RGB = LatentRGB(((-0.0470, -0.2487, -0.4049), (0.5476, 0.0271, 0.3406), (-0.2708, -0.2857, -0.2027),
+                             (-0.3232, -0.0902, 0.5393)), bias=(0.1029, -0.0755, -0.0420),
+                            source="least squares on the tiny model's scenes (scripts/fit_approx_cheap.py)")
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family: what to build, under which key prefixes, and how the denoiser reads the UNet output."""
 
@@ -89,6 +117,7 @@ class Family:
     # "aesthetic_score" (one number). Empty: the UNet takes no y.
     vector: tuple[str, ...] = ()
     size_embed_dim: int = 256  # `ConcatTimestepEmbedderND` outdim in sd_xl_base.yaml / sd_xl_refiner.yaml
+    latent_rgb: LatentRGB | None = None  # the "Approx cheap" preview matrix (None: that preview is unavailable)
     notes: tuple[str, ...] = field(default=())
 
 
@@ -115,7 +144,8 @@ SDXL_REFINER_UNET = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), at
                                adm_in_channels=2560, num_classes="sequential")
 SDXL_VAE = VAEConfig(scale_factor=0.13025)  # sd_xl_base.yaml `scale_factor`; same autoencoder geometry as SD1
 
-SD1 = Family("sd1", SD1_UNET, VAEConfig(), (CLIP_L,), ("cond_stage_model.transformer.",))
+SD1 = Family("sd1", SD1_UNET, VAEConfig(), (CLIP_L,), ("cond_stage_model.transformer.",),
+             latent_rgb=SD1_LATENT_RGB)
 SD1_INPAINT = replace(SD1, name="sd1-inpaint", unet=replace(SD1_UNET, in_channels=9), conditioning="hybrid")
 # instruct-pix2pix (timothybrooks, configs/generate.yaml): SD1.5 with 8 input channels (x + image latent),
 # cond_stage_key "edit".
@@ -123,16 +153,17 @@ INSTRUCT_PIX2PIX = replace(SD1, name="instruct-pix2pix", unet=replace(SD1_UNET, 
                            conditioning="edit")
 # Stability-AI/stablediffusion configs/stable-diffusion: v2-inference.yaml (512 px, eps), v2-inference-v.yaml
 # (768 px, parameterization "v"), v2-inpainting-inference.yaml (9 channels, hybrid).
-SD2 = Family("sd2", SD2_UNET, VAEConfig(), (OPENCLIP_H,), ("cond_stage_model.model.",))
+SD2 = Family("sd2", SD2_UNET, VAEConfig(), (OPENCLIP_H,), ("cond_stage_model.model.",), latent_rgb=SD1_LATENT_RGB)
 SD2_V = replace(SD2, name="sd2-v", prediction="v", native_size=768)
 SD2_INPAINT = replace(SD2, name="sd2-inpaint", unet=replace(SD2_UNET, in_channels=9), conditioning="hybrid")
 SDXL_SIZE_INPUTS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 SDXL = Family("sdxl", SDXL_UNET, SDXL_VAE, (SDXL_CLIP_L, SDXL_CLIP_G),
               ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."), native_size=1024,
-              vector=("pooled",) + SDXL_SIZE_INPUTS)
+              vector=("pooled",) + SDXL_SIZE_INPUTS, latent_rgb=SDXL_LATENT_RGB)
 SDXL_REFINER = Family("sdxl-refiner", SDXL_REFINER_UNET, SDXL_VAE, (SDXL_CLIP_G,),
                       ("conditioner.embedders.0.model.",), native_size=1024,
-                      vector=("pooled", "original_size_as_tuple", "crop_coords_top_left", "aesthetic_score"))
+                      vector=("pooled", "original_size_as_tuple", "crop_coords_top_left", "aesthetic_score"),
+                      latent_rgb=SDXL_LATENT_RGB)
 # diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (A1111 sd_xl_inpaint.yaml): SDXL base with 9 input channels.
 SDXL_INPAINT = replace(SDXL, name="sdxl-inpaint", unet=replace(SDXL_UNET, in_channels=9), conditioning="hybrid")
 
@@ -146,7 +177,8 @@ TINY_UNET = UNetConfig(model_channels=64, num_res_blocks=1, channel_mult=(1, 2, 
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, scale_factor=0.2086)
 # Width 128 keeps the 49408-token embedding at 6.3 M parameters; heads = width / 64 as the loader reads it.
 TINY_TEXT = replace(CLIP_L, width=128, layers=2, heads=2)
-TINY = Family("tiny", TINY_UNET, TINY_VAE, (TINY_TEXT,), ("cond_stage_model.transformer.",), native_size=64)
+TINY = Family("tiny", TINY_UNET, TINY_VAE, (TINY_TEXT,), ("cond_stage_model.transformer.",), native_size=64,
+              latent_rgb=TINY_LATENT_RGB)
 
 FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT, INSTRUCT_PIX2PIX, SD2, SD2_V, SD2_INPAINT, SDXL, SDXL_REFINER,
                                  SDXL_INPAINT, TINY)}

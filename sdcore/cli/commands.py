@@ -7,6 +7,7 @@ one line and exit status 2.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..batch import manifest_from_folders, run_manifest
 from ..checkpoint import detect_family, drop_known_extras, load_checkpoint, load_vae_file, open_state_dict
 from ..families import Family
 from ..images import write_new_file
+from ..previews import PreviewWriter, load_taesd_decoder
 from ..processing import process_images
 from ..sampling.samplers import SAMPLERS, TraceRecorder
 from ..sampling.schedules import SCHEDULERS
@@ -116,6 +118,8 @@ def run_generate(args, run: Run | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     values, command = run.values, run.command
+    # before the model: a bad --taesd file stops the run at once
+    taesd = load_taesd_decoder(args.taesd, args.device) if getattr(args, "taesd", None) is not None else None
     sd = _load_model(args.ckpt, args.device, args.dtype, args.vae, args.prediction)
     outdir = None if run.batch else (args.outdir or DEFAULT_OUTDIRS[args.command])
     # Everything that can be checked is checked for every task before the first file is written.
@@ -130,18 +134,25 @@ def run_generate(args, run: Run | None = None) -> int:
                                      values["batch_size"] * values["n_iter"])
         run_manifest(rows, sd, args.output_dir, values, strict=True, results_name=None, skip_lines=False)
         return 0
-    for task in tqdm(run.todo, desc="images", unit="input", disable=None if len(run.todo) > 1 else True):
-        run_task(sd, values, command, task, outdir, args.trace)
+    preview = None
+    if getattr(args, "preview_dir", None) is not None:  # flags.preview_flags_problem checked the combination
+        preview = PreviewWriter(args.preview_every, args.preview_dir, args.preview_method or "approx_cheap", sd,
+                                taesd, background=True)
+    with preview or contextlib.nullcontext():  # waits for the previews' background writes
+        for task in tqdm(run.todo, desc="images", unit="input", disable=None if len(run.todo) > 1 else True):
+            run_task(sd, values, command, task, outdir, args.trace, preview)
     return 0
 
 
-def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path | None, trace: Path | None) -> None:
-    """Run one single-image job (the folder batch runs `batch.run_manifest`); print the saved paths."""
+def run_task(sd, values: dict[str, Any], command: str, task: Task, outdir: Path | None, trace: Path | None,
+             preview: PreviewWriter | None = None) -> None:
+    """Run one single-image job (the folder batch runs `batch.run_manifest`); print the saved paths. `preview`:
+    the sampler callback writing --preview-dir's PNGs."""
     p = make_processing(sd, values, command, *_open_inputs(task, values), outdir=outdir)
     recorder = None
     if trace is not None:
         recorder = TraceRecorder()
-    processed = process_images(p, model_callback=recorder, disable_progress=None)
+    processed = process_images(p, callback=preview, model_callback=recorder, disable_progress=None)
     for path in processed.paths:
         print(path)
     if recorder is not None:

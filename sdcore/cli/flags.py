@@ -497,10 +497,18 @@ def field_default(flag: Flag, command: str = "img2img") -> Any:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors in one line (no usage block) and exits 2."""
+    """argparse that reports errors in one line (no usage block) and exits 2; flags that only work together
+    (`preview_flags_problem`) are checked right after parsing, so they too exit 2 before torch is imported."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        problem = preview_flags_problem(namespace)
+        if problem:
+            self.error(problem)
+        return namespace, extras
 
 
 def _add_processing_flags(ap: argparse.ArgumentParser, command: str) -> None:
@@ -555,6 +563,60 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
                     help="UNet and text-encoder dtype (the VAE runs in float32)")
 
 
+PREVIEW_METHODS = ("approx_cheap", "taesd", "full")  # = sdcore.previews.METHODS (not imported here: torch)
+
+
+def _preview_every(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid step count: {text!r} (an integer >= 1)")
+    return value
+
+
+def preview_flags_problem(ns: argparse.Namespace) -> str | None:
+    """What is wrong with the live-preview flags of a parsed run command (None when fine or not a run command):
+    --preview-every and --preview-dir go together; --preview-method and --taesd need them; taesd needs --taesd and
+    --taesd needs taesd; not with --input-dir (a batch runs its rows without a callback) or --explain (writes
+    nothing); the folder is not a file and holds no previews of an earlier run (previews are never overwritten);
+    the --taesd file is readable."""
+    every, folder = getattr(ns, "preview_every", None), getattr(ns, "preview_dir", None)
+    method, taesd = getattr(ns, "preview_method", None), getattr(ns, "taesd", None)
+    if every is None and folder is None:
+        for flag, value in (("--preview-method", method), ("--taesd", taesd)):
+            if value is not None:
+                return f"{flag}: only with --preview-every N --preview-dir DIR"
+        return None
+    if folder is None:
+        return "--preview-every: needs --preview-dir DIR (where the previews are written)"
+    if every is None:
+        return "--preview-dir: needs --preview-every N (steps between previews)"
+    if (method or "approx_cheap") == "taesd" and taesd is None:
+        return ("--taesd: missing; --preview-method taesd needs the decoder weights (taesd_decoder.pth, "
+                "taesdxl_decoder.pth for SDXL)")
+    if taesd is not None and method != "taesd":
+        return f"--taesd: only with --preview-method taesd (the method is {method or 'approx_cheap'})"
+    if getattr(ns, "input_dir", None) is not None:
+        return "--preview-dir: previews one job; not with --input-dir"
+    if getattr(ns, "explain", False):
+        return "--preview-dir: not with --explain (which writes nothing)"
+    if folder.exists() and not folder.is_dir():
+        return f"--preview-dir: {folder} exists and is not a folder"
+    if folder.is_dir():
+        earlier = sorted(p.name for pattern in ("step-*.png", "pass*-step-*.png") for p in folder.glob(pattern))
+        if earlier:
+            return (f"--preview-dir: {folder} holds previews of an earlier run ({earlier[0]}, ...); previews are "
+                    "never overwritten: give a new or empty folder")
+    if taesd is not None:
+        try:
+            check_readable(taesd, "--taesd")
+        except UsageError as e:
+            return str(e)
+    return None
+
+
 def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
     if command != "txt2img":
         ap.add_argument("init", type=Path, nargs="?", help="init image file (or use --input-dir)")
@@ -571,6 +633,17 @@ def _add_run_flags(ap: argparse.ArgumentParser, command: str) -> None:
     ap.add_argument("--trace", type=Path, metavar="FILE.safetensors", help="record sigma, x, denoised and the "
                     "index of every model call, second-order sub-steps included (scripts/compare_traces.py compares "
                     "two); never overwrites")
+    ap.add_argument("--preview-every", type=_preview_every, metavar="N", help="live previews: write a PNG of the "
+                    "sampler's current estimate of the final image (denoised) at sampling steps 0, N, 2N, ... into "
+                    "--preview-dir")
+    ap.add_argument("--preview-dir", type=Path, metavar="DIR", help="folder of the previews, step-NNN.png "
+                    "(step-NNN-K.png for image K of a batch, passP-step-NNN.png for later passes); created if "
+                    "missing, never overwritten")
+    ap.add_argument("--preview-method", choices=PREVIEW_METHODS, help="approx_cheap (default; A1111 'Approx "
+                    "cheap': a 4x3 matrix, one pixel per latent cell), taesd (the Tiny AutoEncoder, needs --taesd), "
+                    "full (the model's VAE)")
+    ap.add_argument("--taesd", type=Path, metavar="FILE", help="TAESD decoder weights for --preview-method taesd: "
+                    "taesd_decoder.pth (SD1/SD2) or taesdxl_decoder.pth (SDXL), or .safetensors with the same keys")
     if command == "txt2img":
         return
     ap.add_argument("--input-dir", type=Path, metavar="DIR", help="batch: every image in DIR (needs --output-dir)")

@@ -102,6 +102,22 @@ def _report(callback, x, i, sigma, sigma_hat, denoised) -> None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
 
 
+def _show_sigma(bar, sigma) -> None:
+    """Put the noise level x has reached into a tqdm bar's postfix, without a refresh (no terminal write: the bar
+    shows it at its next rate-limited update, beside it/s)."""
+    if not bar.disable:
+        bar.set_postfix(sigma=f"{float(sigma):.4g}", refresh=False)
+
+
+def _steps(sigmas, disable):
+    """Step indices 0 .. len(sigmas) - 2 under a tqdm bar (k-diffusion's `trange`) showing it/s and the current
+    sigma: sigmas[i + 1] once step i is done."""
+    bar = trange(len(sigmas) - 1, disable=disable)
+    for i in bar:
+        yield i
+        _show_sigma(bar, sigmas[i + 1])
+
+
 def _setup(x, sigmas, extra_args, sampler: str):
     """Check the sigmas; return (extra_args or {}, s_in = ones [B]) as every k-diffusion sampler starts."""
     _check_sigmas(sigmas, sampler)
@@ -139,7 +155,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     x_{i+1} = x + d (sigma_{i+1} - sigma_hat), d = (x - D(x, sigma_hat)) / sigma_hat. One model call per step.
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_euler")
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, "sample_euler")
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
@@ -157,7 +173,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     parameterisation. Noise is drawn whenever sigma_{i+1} > 0 (k-diffusion `sample_euler_ancestral`).
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_euler_ancestral")
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
@@ -176,7 +192,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     sigma_{i+1} = 0 (d is undefined there). Two model calls per step, one on the last.
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_heun")
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, "sample_heun")
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
@@ -206,7 +222,7 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     x += d(x_2, sigma_mid) (sigma_{i+1} - sigma_hat). Euler on the last step (sigma_{i+1} = 0).
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpm_2")
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, "sample_dpm_2")
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
@@ -229,7 +245,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     As k-diffusion, noise is added only after a midpoint step (sigma_down > 0), so never on the last step.
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpm_2_ancestral")
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
@@ -279,7 +295,7 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_lms")
     sigmas_cpu = sigmas.detach().cpu().numpy()
     ds = []
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
@@ -506,7 +522,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     """DPM-Solver++(2S) single-step second order (Lu et al. 2022b, Algorithm 1, r = 1/2) to sigma_down, then
     ancestral noise sigma_up (eta = 0: deterministic). Euler on the last step (sigma_down = 0)."""
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpmpp_2s_ancestral")
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
@@ -539,7 +555,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         raise ValueError(f"sample_dpmpp_sde: r must be > 0, got {r!r}")
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpmpp_sde")
     fac = 1 / (2 * r)
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
         if sigmas[i + 1] == 0:
@@ -572,7 +588,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpmpp_2m")
     old_denoised = None
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
         t, t_next = _t(sigmas[i]), _t(sigmas[i + 1])
@@ -606,7 +622,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         raise ValueError(f"sample_dpmpp_2m_sde: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpmpp_2m_sde")
     old_denoised, h_last = None, None
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
         if sigmas[i + 1] == 0:
@@ -642,7 +658,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_dpmpp_3m_sde")
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
         if sigmas[i + 1] == 0:
@@ -677,7 +693,7 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     `sd_samplers_lcm.sample_lcm`; meant for an LCM denoiser). One draw per step with sigma_{i+1} > 0.
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "sample_lcm")
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(sigmas, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
         x = denoised
@@ -730,7 +746,8 @@ def restart_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
     """
     extra_args, s_in = _setup(x, sigmas, extra_args, "restart_sampler")
     last_sigma = None
-    for step_id, (old_sigma, new_sigma) in enumerate(tqdm(restart_schedule(sigmas, restart_list), disable=disable)):
+    bar = tqdm(restart_schedule(sigmas, restart_list), disable=disable)
+    for step_id, (old_sigma, new_sigma) in enumerate(bar):
         if last_sigma is not None and last_sigma < old_sigma:
             x = _add_noise(x, s_noise * (old_sigma ** 2 - last_sigma ** 2) ** 0.5, noise_sampler, last_sigma,
                            old_sigma, "restart_sampler")
@@ -739,6 +756,7 @@ def restart_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
         _report(callback, x, step_id, new_sigma, old_sigma, denoised)
         x = _heun_step(model, x, d, old_sigma, new_sigma, s_in, extra_args)
         last_sigma = new_sigma
+        _show_sigma(bar, new_sigma)
     return x
 
 

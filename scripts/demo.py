@@ -40,6 +40,15 @@ def next_free_dir(root: Path) -> Path:
             n += 1
 
 
+def run_and_save(p, path: Path) -> None:
+    """Run job `p`, save its first image at `path` with the infotext as PNG "parameters", print both."""
+    processed = sdcore.process_images(p, disable_progress=True)
+    info = PngInfo()
+    info.add_text("parameters", processed.info)
+    processed.images[0].save(path, pnginfo=info)
+    print(f"{path.stem}: {path}\n  {processed.info}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--outdir", type=Path, default=Path("outputs/demo"))
@@ -73,13 +82,7 @@ def main() -> int:
         p = sdcore.StableDiffusionProcessingImg2Img(sd_model=sd, init_images=[photo],
                                                     steps=args.steps, cfg_scale=7.0, seed=args.seed, width=size,
                                                     height=size, **kw)
-        processed = sdcore.process_images(p, disable_progress=True)
-        path = out / f"{name}.png"
-        info = PngInfo()
-        info.add_text("parameters", processed.info)
-        processed.images[0].save(path, pnginfo=info)
-        print(f"{name}: {path}")
-        print(f"  {processed.info}")
+        run_and_save(p, out / f"{name}.png")
     # A1111's X/Y/Z plot (`sdcore xyz`): samplers x steps of img2img at strength 0.5, the same seed in every cell
     # (the README's grid; its sidecar .json holds every cell's infotext).
     p = sdcore.StableDiffusionProcessingImg2Img(sd_model=sd, init_images=[photo], prompt="a yellow circle",
@@ -94,12 +97,7 @@ def main() -> int:
             sd_model=sd, prompt="a red star" + tag, sampler_name="DPM++ 2M", scheduler="karras", steps=args.steps,
             cfg_scale=6.0, seed=args.seed, width=size, height=size,
             opts=sdcore.Options(lora_dir=str(STAR_LORA.parent)))
-        processed = sdcore.process_images(p, disable_progress=True)
-        path = out / f"{name}.png"
-        info = PngInfo()
-        info.add_text("parameters", processed.info)
-        processed.images[0].save(path, pnginfo=info)
-        print(f"{name}: {path}\n  {processed.info}")
+        run_and_save(p, out / f"{name}.png")
     print(f"input: {out / 'input.png'}\nmask: {out / 'mask.png'}")
     return 0
 

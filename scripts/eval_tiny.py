@@ -12,6 +12,13 @@
 4. Inpainting "a red circle" into the centre 32 x 32 square of a held-out real photo through
    `sdcore.process_images` (whole picture, mask blur 0, original fill, denoising 1.0), 8 seeds: share of red pixels
    (nearest palette colour) inside the mask, and the largest change of any pixel outside it (must be 0).
+5. Corner artifact (issue 14): `corner_speck`, the largest deviation of the bottom-right 3 x 3 pixels from the median
+   of the rest of the 8 x 8 corner block, on VAE round trips (denoising strength 0) of 128 plain images, and on the
+   prompt-following samples of 3.
+6. Emphasis: "a (red:1.5) circle" vs "a (red:0.5) circle", 50 seeds: share where 1.5 gives the larger red area.
+7. Position words: "a {colour} {shape} at the {left|right|top|bottom}", 50 seeds each: share whose detected object
+   centre is in the named half.
+8. img2img: 16 held-out photo crops, denoising 0.5, prompt "": PSNR of the result against the input.
 
 Usage: python scripts/eval_tiny.py [--ckpt sdcore/weights/sdcore-tiny.safetensors] [--json out.json] [--samples out.png]
        python scripts/eval_tiny.py --plot runs/tiny --out weights/loss_curves.png   (loss curves only)
@@ -115,7 +122,8 @@ def eval_prompt_following(sd) -> tuple[dict, np.ndarray]:
     images = txt2img(sd, [f"a {c} {s}" for c, s in pairs], seeds=list(range(len(pairs))))
     dets = [tiny_data.detect_scene(im) for im in images]
     return ({"prompt_colour_acc": float(np.mean([d.colour == c for d, (c, _) in zip(dets, pairs)])),
-             "prompt_shape_acc": float(np.mean([d.shape == s for d, (_, s) in zip(dets, pairs)]))}, images)
+             "prompt_shape_acc": float(np.mean([d.shape == s for d, (_, s) in zip(dets, pairs)])),
+             "corner_speck_br_txt2img_mean": float(corner_speck(images).mean())}, images)
 
 
 def inpaint_inputs() -> tuple[Image.Image, Image.Image, np.ndarray]:
@@ -164,7 +172,7 @@ def inpaint_pipeline(sd, photo: Image.Image, mask: Image.Image, prompt: str, see
     p = sdcore.StableDiffusionProcessingImg2Img(
         sd_model=sd, prompt=prompt, init_images=[photo], mask=mask, mask_blur=0, inpainting_fill=1,
         inpaint_full_res=False, denoising_strength=1.0, sampler_name="DPM++ 2M", scheduler="karras", steps=20,
-        cfg_scale=6.0, seed=seed, width=64, height=64, do_not_save_samples=True, do_not_save_grid=True)
+        cfg_scale=6.0, seed=seed, width=64, height=64, do_not_save_samples=True)
     return np.asarray(sdcore.process_images(p).images[0].convert("RGB"))
 
 
@@ -188,6 +196,131 @@ def eval_inpainting(sd, seeds=tuple(range(8))) -> tuple[dict, np.ndarray]:
     return ({"inpaint_route": route, "inpaint_red_fraction_in_mask": float(np.mean(red)),
              "inpaint_red_fraction_min": float(np.min(red)),
              "inpaint_max_abs_change_outside": int(max(outside_change))}, np.stack([src] + images))
+
+
+CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
+
+
+def corner_speck(images: np.ndarray, corner: str = "bottom_right", size: int = 3, context: int = 8) -> np.ndarray:
+    """Corner artifact per image, float64 [N]: the largest |pixel - neighbourhood| (any channel, sRGB 0-255) over the
+    `size` x `size` pixels at `corner`, where the neighbourhood is the per-channel median of the rest of the
+    `context` x `context` corner block (the L-shaped band around the corner pixels).
+
+    images: uint8 [N, H, W, 3] (or one [H, W, 3]). A plain image gives 0; a speck of colour c in a plain image of
+    colour b gives max|c - b|. Raises ValueError for another corner name or `size` >= `context`.
+    """
+    if corner not in CORNERS:
+        raise ValueError(f"corner={corner!r}; allowed: {CORNERS}")
+    if not 0 < size < context:
+        raise ValueError(f"size={size} must be in 1..context-1 (context={context})")
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or min(images.shape[1:3]) < context:
+        raise ValueError(f"images must be uint8 [N, H, W, 3] with H, W >= {context}; got {images.dtype} "
+                         f"{images.shape}")
+    x = images.astype(np.float64)
+    if corner.startswith("top"):
+        x = x[:, ::-1]
+    if corner.endswith("left"):
+        x = x[:, :, ::-1]
+    block = x[:, -context:, -context:]  # the corner pixel is block[:, -1, -1]
+    ring = np.ones((context, context), bool)
+    ring[-size:, -size:] = False
+    neighbourhood = np.median(block[:, ring], axis=1)  # [N, 3]
+    return np.abs(block[:, -size:, -size:] - neighbourhood[:, None, None]).max(axis=(1, 2, 3))
+
+
+def plain_images(n: int, seed: int = 2024) -> np.ndarray:
+    """`n` uint8 [n, 64, 64, 3] images: the first half one random uniform sRGB colour each, the rest synthetic scenes
+    on plain named backgrounds (whose corners are background: shapes stay >= 1 px inside the image)."""
+    rng = np.random.default_rng(seed)
+    half = n // 2
+    flat = np.broadcast_to(rng.integers(0, 256, (half, 1, 1, 3), dtype=np.uint8), (half, 64, 64, 3))
+    scenes = [tiny_data.sample_scene(rng, photo_background_p=0.0)[0] for _ in range(n - half)]
+    return np.concatenate([flat, np.stack(scenes)]) if scenes else np.ascontiguousarray(flat)
+
+
+SPECK_VISIBLE = 16.0  # sRGB levels: a 3 x 3 corner this far off its surroundings is a visible speck at 64 px
+
+
+def eval_corners(sd, n: int = 128) -> dict:
+    """VAE round trip (denoising strength 0) of `plain_images(n)`: bottom-right corner speck (mean, share of images
+    above SPECK_VISIBLE), the worst of the other three corners' means, and the input's own (0 for flat images)."""
+    images = plain_images(n)
+    recon = vae_roundtrip(sd.vae, images)
+    out = {"corner_speck_br_mean": float(corner_speck(recon).mean()),
+           "corner_speck_br_visible": float((corner_speck(recon) > SPECK_VISIBLE).mean()),
+           "corner_speck_other_mean_max": float(max(corner_speck(recon, c).mean() for c in CORNERS[1:])),
+           "corner_speck_input_br_mean": float(corner_speck(images).mean())}
+    return out
+
+
+def red_area(images: np.ndarray) -> np.ndarray:
+    """Pixels per image whose nearest PALETTE colour (tiny_data.nearest_colour) is red: int64 [N] of uint8
+    [N, H, W, 3] images."""
+    palette = np.asarray(list(tiny_data.PALETTE.values()), np.float32)
+    red = list(tiny_data.PALETTE).index("red")
+    d = ((images.astype(np.float32)[..., None, :] - palette) ** 2).sum(-1)  # [N, H, W, 8]
+    return (d.argmin(-1) == red).sum(axis=(1, 2))
+
+
+def eval_emphasis(sd, seeds: int = 50, high: float = 1.5, low: float = 0.5) -> tuple[dict, np.ndarray]:
+    """"a (red:`high`) circle" against "a (red:`low`) circle", same seeds 0..`seeds`-1 (txt2img as eval_prompts):
+    share of seeds where the high weight gives the larger red area (`red_area`; ties count as not followed)."""
+    hi = txt2img(sd, [f"a (red:{high}) circle"] * seeds, seeds=list(range(seeds)))
+    lo = txt2img(sd, [f"a (red:{low}) circle"] * seeds, seeds=list(range(seeds)))
+    a_hi, a_lo = red_area(hi), red_area(lo)
+    return ({"emphasis_red_larger": float(np.mean(a_hi > a_lo)), "emphasis_red_area_high": float(a_hi.mean()),
+             "emphasis_red_area_low": float(a_lo.mean())}, np.concatenate([hi[:10], lo[:10]]))
+
+
+POSITION_WORDS = ("left", "right", "top", "bottom")
+
+
+def position_followed(centre: tuple[float, float] | None, word: str, size: int = 64) -> bool:
+    """Whether an object centred at `centre` (x, y pixels; None = no object) is in the half of a `size` px image that
+    `word` (POSITION_WORDS) names: left x < size/2, right x > size/2, top y < size/2, bottom y > size/2."""
+    if word not in POSITION_WORDS:
+        raise ValueError(f"word={word!r}; allowed: {POSITION_WORDS}")
+    if centre is None:
+        return False
+    x, y = centre
+    half = size / 2
+    return {"left": x < half, "right": x > half, "top": y < half, "bottom": y > half}[word]
+
+
+def eval_positions(sd, seeds: int = 50) -> tuple[dict, np.ndarray]:
+    """"a {colour} {shape} at the {word}" for each POSITION_WORDS word, seeds 0..`seeds`-1 with the colours and
+    shapes of eval_prompts(): share whose detected object (tiny_data.detect_scene) is in the named half."""
+    out, pictures, hits = {}, [], []
+    pairs = eval_prompts()[:seeds]
+    for word in POSITION_WORDS:
+        images = txt2img(sd, [f"a {c} {s} at the {word}" for c, s in pairs], seeds=list(range(len(pairs))))
+        ok = [position_followed(tiny_data.detect_scene(im).centre, word) for im in images]
+        out[f"position_{word}"] = float(np.mean(ok))
+        hits += ok
+        pictures.append(images[:10])
+    out["position_followed"] = float(np.mean(hits))
+    return out, np.concatenate(pictures)
+
+
+def eval_img2img(sd, n: int = 16, denoising: float = 0.5) -> tuple[dict, np.ndarray]:
+    """img2img of `n` held-out photo crops (eval_photo_crops(n, seed=77)) through `sdcore.process_images`, prompt "",
+    DPM++ 2M Karras 20 steps, CFG 6, denoising `denoising`, seed i: mean PSNR (dB) of the result against its input,
+    and the bottom-right corner speck of the results."""
+    import sdcore
+
+    photos = tiny_data.eval_photo_crops(n, seed=77)
+    outs = []
+    for i, crop in enumerate(photos):
+        p = sdcore.StableDiffusionProcessingImg2Img(
+            sd_model=sd, prompt="", init_images=[Image.fromarray(crop)], denoising_strength=denoising,
+            sampler_name="DPM++ 2M", scheduler="karras", steps=20, cfg_scale=6.0, seed=i, width=64, height=64,
+            do_not_save_samples=True)
+        outs.append(np.asarray(sdcore.process_images(p).images[0].convert("RGB")))
+    outs = np.stack(outs)
+    return ({f"img2img_psnr_db_{denoising}": float(psnr(photos, outs).mean())}, np.concatenate([photos, outs]))
 
 
 def plot_curves(workdir: Path, out: Path) -> None:
@@ -225,6 +358,10 @@ def grid(images: np.ndarray, cols: int) -> Image.Image:
     return Image.fromarray(np.concatenate([np.concatenate(list(row), axis=1) for row in cells], axis=0))
 
 
+EVALS = {"vae": eval_vae, "detector": eval_detector, "prompts": eval_prompt_following, "inpaint": eval_inpainting,
+         "corners": eval_corners, "emphasis": eval_emphasis, "positions": eval_positions, "img2img": eval_img2img}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default=str(ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"))
@@ -232,7 +369,7 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", default=None, help="PNG grid: prompt-following samples, then inpainting results")
     ap.add_argument("--plot", default=None, help="workdir of train_tiny.py: only plot its loss curves to --out")
     ap.add_argument("--out", default=str(ROOT / "weights" / "loss_curves.png"))
-    ap.add_argument("--skip", nargs="*", default=[], choices=["vae", "detector", "prompts", "inpaint"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(EVALS))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.plot:
@@ -246,8 +383,7 @@ def main(argv=None) -> None:
     if sd.family.name != "tiny":
         raise SystemExit(f"{args.ckpt} is detected as family {sd.family.name!r}, not 'tiny'")
     metrics, pictures = {}, []
-    for name, fn in (("vae", eval_vae), ("detector", eval_detector), ("prompts", eval_prompt_following),
-                     ("inpaint", eval_inpainting)):
+    for name, fn in EVALS.items():
         if name in args.skip:
             continue
         t = time.time()

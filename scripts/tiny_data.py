@@ -20,7 +20,7 @@ Glossary: H, W = 64 pixels; images are uint8 [H, W, 3] RGB unless said otherwise
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,6 +83,9 @@ class Scene:
     position: str | None  # None: large shape near the centre
     background: str | None  # a PALETTE name, or None when unnamed in the caption
     photo_background: bool  # the background is a photo crop (then `background` is None)
+    # Half the side of the shape's bounding square in pixels, as drawn by `sample_scene` (None when not known). Not
+    # part of the caption, so not compared: it only feeds `emphasis_weight`.
+    radius: float | None = field(default=None, compare=False)
 
     def caption(self) -> str:
         text = f"a {self.colour} {self.shape}"
@@ -254,16 +257,42 @@ def sample_scene(rng: np.random.Generator, photo_background_p: float = 0.25,
         bg_name = others[rng.integers(len(others))]
         canvas = np.broadcast_to(_jitter(PALETTE[bg_name], rng, 12), (SIZE, SIZE, 3)).astype(np.float32)
     if position is None:
-        radius = rng.uniform(*(STAR_RADII[0] if shape == "star" else (12, 20)))
+        radius = rng.uniform(*radius_range(shape, None))
         cx, cy = SIZE / 2 + rng.uniform(-4, 4, 2)
     else:
-        radius = rng.uniform(*(STAR_RADII[1] if shape == "star" else (7, 11)))
+        radius = rng.uniform(*radius_range(shape, position))
         fx, fy = POSITIONS[position]
         cx, cy = fx * SIZE + rng.uniform(-3, 3), fy * SIZE + rng.uniform(-3, 3)
     cover = shape_mask(shape, cx, cy, radius)[..., None]
     image = canvas * (1 - cover) + _jitter(PALETTE[colour], rng, 12) * cover
-    scene = Scene(colour, shape, position, bg_name if named_bg else None, photo_bg)
+    scene = Scene(colour, shape, position, bg_name if named_bg else None, photo_bg, float(radius))
     return np.round(image).astype(np.uint8), scene
+
+
+def radius_range(shape: str, position: str | None) -> tuple[float, float]:
+    """(low, high) outer radius in pixels that `sample_scene` draws uniformly for `shape` with or without a position."""
+    if shape not in SHAPES + EXTRA_SHAPES:
+        raise ValueError(f"shape={shape!r}; allowed: {SHAPES + EXTRA_SHAPES}")
+    if shape == "star":
+        return STAR_RADII[0] if position is None else STAR_RADII[1]
+    return (12.0, 20.0) if position is None else (7.0, 11.0)
+
+
+# Emphasis weights the tiny model is trained with on the colour word (scripts/train_tiny.py, phase "joint").
+EMPHASIS_RANGE = (0.5, 1.5)
+
+
+def emphasis_weight(scene: Scene) -> float:
+    """The emphasis weight of the colour word that describes `scene`'s size: linear in its radius over
+    `radius_range`, from EMPHASIS_RANGE[0] (smallest) to EMPHASIS_RANGE[1] (largest); 1.0 is the middle of the
+    range, which is also the mean size of scenes without emphasis. So "a (red:1.5) circle" means a larger red
+    circle than "a red circle", and "a (red:0.5) circle" a smaller one. Raises ValueError when `scene.radius` is
+    None."""
+    if scene.radius is None:
+        raise ValueError("scene.radius is None: only scenes drawn by sample_scene know their size")
+    low, high = radius_range(scene.shape, scene.position)
+    lo_w, hi_w = EMPHASIS_RANGE
+    return lo_w + (hi_w - lo_w) * (scene.radius - low) / (high - low)
 
 
 # ---- detector -------------------------------------------------------------------------------------------------

@@ -18,10 +18,25 @@ step number, so a rerun with the same arguments gives the same weights up to CPU
            have finished (an untrained UNet is exported as initialised).
 
 The text encoder is the real CLIP architecture and tokenizer at width 128, initialised with open_clip's scheme from
-the seed and frozen: its outputs are fixed random features of the token sequence, which the UNet's cross-attention
-learns to read. This keeps the UNet steps cheap (text features are computed once per caption).
+the seed and frozen in stage 1: its outputs are fixed random features of the token sequence, which the UNet's
+cross-attention learns to read. This keeps the UNet steps cheap (text features are computed once per caption).
+
+Stage 2 (issue 14; phases of `stage2`, starting from the stage-1 checkpoint given with --base):
+
+  decoder  fine-tune post_quant_conv + decoder on full 64 px images with edge-weighted L1 + MSE (`edge_weights`), the
+           encoder frozen (latents, scale_factor, the UNet and the Approx-cheap fit stay valid): against the coloured
+           speck in the bottom-right corner (eval_tiny.corner_speck).
+  latents  as above, with the base encoder and scale factor, also keeping each scene's emphasis weight
+           (tiny_data.emphasis_weight: its size) and the caption tokens.
+  joint    train the text encoder (ln_final frozen, see `make_text_unet`) and fine-tune the UNet together; for
+           --emphasis-p of the samples the colour word carries the scene's emphasis weight, applied as inference
+           applies it (sdcore.prompts.apply_emphasis), so "a (red:1.5) circle" draws a larger red circle.
+  export   as above, with the stage-2 decoder, text encoder and UNet where they exist.
+
+Every phase adds its process CPU time (time.process_time) to cpu_seconds.json in the workdir.
 
 Usage: python scripts/train_tiny.py all --workdir /work/tiny_run  (or one phase name; see --help)
+       python scripts/train_tiny.py stage2 --base stage1.safetensors --workdir /work/tiny_run2 --no-bf16 ...
 """
 from __future__ import annotations
 
@@ -164,23 +179,24 @@ def setup(make, seed: int, lr: float, weight_decay: float, state_path: Path):
 
 
 def train_loop(name: str, loss_fn, model, ema, opt, start: int, total: int, peak_lr: float, warmup: int,
-               args) -> None:
+               args, ema_decay: float | None = None) -> None:
     """AdamW steps `start`..`total`-1 on `loss_fn(step) -> (loss, {name: float})` with warmup + cosine LR,
     gradient clipping at 1, EMA (warming up as (1+step)/(10+step)); a CSV log row every 10 steps and the full
-    state every `args.save_every` steps (the resume point)."""
+    state every `args.save_every` steps (the resume point). `ema_decay` defaults to args.ema."""
+    ema_decay = args.ema if ema_decay is None else ema_decay
     work = Path(args.workdir)
     t0 = time.time()
     bar = tqdm(range(start, total), initial=start, total=total, desc=name, mininterval=10)
     for step in bar:
         lr = lr_at(step, total, peak_lr, warmup=warmup)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         loss, parts = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
         if step % 10 == 0:
             append_log(work / f"{name}_log.csv", dict(step=step, loss=loss.item(), **parts, lr=lr,
                                                       seconds=round(time.time() - t0, 1)))
@@ -213,11 +229,11 @@ def load_ema(path: Path, module: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def encode_dataset(args) -> None:
     work = Path(args.workdir)
-    vae = load_ema(work / "vae_state.pt", AutoencoderKL(tiny_family().vae))
+    vae = load_vae(args)
     rng = np.random.default_rng([args.seed, 2])
     captions = tiny_data.all_captions()
     index = {c: i + 1 for i, c in enumerate(captions)}  # 0 = empty caption
-    means, stds, caption_ids = [], [], []
+    means, stds, caption_ids, weights, large = [], [], [], [], []
     chunk = 256
     for start in tqdm(range(0, args.num_scenes, chunk), desc="encode scenes", mininterval=10):
         n = min(chunk, args.num_scenes - start)
@@ -228,17 +244,23 @@ def encode_dataset(args) -> None:
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
         caption_ids += [index[sc.caption()] for _, sc in scenes]
+        weights += [tiny_data.emphasis_weight(sc) for _, sc in scenes]
+        large += [sc.position is None for _, sc in scenes]
     mean, std = torch.cat(means), torch.cat(stds)
     sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(args.seed))
     scale_factor = round(float(1.0 / sample.std()), 4)  # the value written into families.TINY_VAE
-    torch.save(dict(mean=mean, std=std, caption_ids=torch.tensor(caption_ids), scale_factor=scale_factor),
+    if args.keep_scale_factor:  # the encoder is the base model's: keep the scale the base UNet was trained with
+        scale_factor = tiny_family().vae.scale_factor
+    torch.save(dict(mean=mean, std=std, caption_ids=torch.tensor(caption_ids), scale_factor=scale_factor,
+                    emphasis=torch.tensor(weights, dtype=torch.float32), large=torch.tensor(large)),
                work / "latents.pt")
 
     te = make_text_encoder(args.seed)
     tokenizer = load_tokenizer()
     texts = [""] + captions
-    hidden = torch.cat([te(caption_tokens(tokenizer, texts[i:i + 128])).hidden for i in range(0, len(texts), 128)])
-    torch.save(dict(texts=texts, hidden=hidden), work / "text.pt")
+    tokens = caption_tokens(tokenizer, texts)
+    hidden = torch.cat([te(tokens[i:i + 128]).hidden for i in range(0, len(texts), 128)])
+    torch.save(dict(texts=texts, hidden=hidden, tokens=tokens), work / "text.pt")
     (work / "scale_factor.json").write_text(json.dumps(dict(scale_factor=scale_factor,
                                                             latent_std=float(sample.std()),
                                                             latent_mean=float(sample.mean()))))
@@ -280,6 +302,191 @@ def train_unet(args) -> None:
     train_loop("unet", loss_fn, unet, ema, opt, start, args.unet_steps, args.unet_lr, 300, args)
 
 
+# ---- stage 2 (issue 14): decoder fine-tune and joint text encoder + UNet training from a base checkpoint -----------
+
+def load_base(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a tiny checkpoint (safetensors, LDM layout), every tensor as float32."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--base {str(path)!r} is not a file: stage 2 starts from a trained tiny checkpoint")
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def base_module(args, prefix: str, module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with the `prefix`-ed weights of the --base checkpoint (strict: every key must match)."""
+    sd = load_base(args.base)
+    module.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    return module
+
+
+def load_vae(args) -> AutoencoderKL:
+    """The EMA VAE of phase vae when it ran in this workdir, else the --base checkpoint's VAE (eval mode, frozen)."""
+    work = Path(args.workdir)
+    if (work / "vae_state.pt").exists():
+        return load_ema(work / "vae_state.pt", AutoencoderKL(tiny_family().vae))
+    return base_module(args, "first_stage_model.", AutoencoderKL(tiny_family().vae)).eval().requires_grad_(False)
+
+
+
+def resume(path: Path, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load a stage's saved model, EMA and optimizer state from `path` if it exists; the step to continue from."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    return state["step"]
+
+def edge_weights(size: int, band: int, gain: float) -> torch.Tensor:
+    """float32 [size, size] per-pixel loss weights: 1 inside, 1 + `gain` on the `band` pixels along every edge and
+    1 + 2 `gain` where two edge bands meet (the corners), normalised to mean 1 so the loss scale is unchanged."""
+    ramp = torch.zeros(size)
+    ramp[:band] = 1
+    ramp[-band:] = 1
+    w = 1 + gain * (ramp[:, None] + ramp[None, :])
+    return w / w.mean()
+
+
+def decoder_batch(seed: int, step: int, batch: int) -> torch.Tensor:
+    """Half photo crops, half scenes, all full 64 px (the corners of the decoded image are where inference sees
+    them, unlike the 32 px crops of phase vae)."""
+    rng = step_rng(seed, 4, step)
+    images = [tiny_data.photo_crop(rng, "train") for _ in range(batch // 2)]
+    images += [tiny_data.sample_scene(rng)[0] for _ in range(batch - batch // 2)]
+    return to_tensor(np.stack(images))
+
+
+class DecoderOnly(torch.nn.Module):
+    """The trainable part of the VAE in phase decoder: post_quant_conv + decoder (encoder and quant_conv frozen, so
+    latents, scale_factor, the UNet and the Approx-cheap fit stay valid)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+
+
+def train_decoder(args) -> None:
+    """Phase decoder: fine-tune post_quant_conv + decoder on full 64 px images with edge-weighted L1 + MSE
+    (`edge_weights`), the encoder frozen; the EMA of the decoder is what export writes."""
+    work = Path(args.workdir)
+    vae = base_module(args, "first_stage_model.", AutoencoderKL(tiny_family().vae))
+    vae.requires_grad_(False)
+    model = DecoderOnly(vae).requires_grad_(True)
+    ema = DecoderOnly(base_module(args, "first_stage_model.", AutoencoderKL(tiny_family().vae))).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.decoder_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    start = resume(work / "decoder_state.pt", model, ema, opt)
+    weight = edge_weights(tiny_data.SIZE, args.edge_band, args.edge_gain)
+
+    def loss_fn(step):
+        x = decoder_batch(args.seed, step, args.decoder_batch)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            z = vae.encode(x).sample(step_generator(args.seed, 4, step))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            rec = vae.decode(z.float()).float()
+        l1 = ((rec - x).abs() * weight).mean()
+        mse = ((rec - x).pow(2) * weight).mean()
+        return l1 + mse, dict(l1=l1.item(), mse=mse.item())
+
+    train_loop("decoder", loss_fn, model, ema, opt, start, args.decoder_steps, args.decoder_lr, 50, args,
+               ema_decay=args.stage2_ema)
+
+
+class TextUNet(torch.nn.Module):
+    """Phase joint's trainable pair: the CLIP text encoder (`te`, ln_final frozen) and the UNet (`unet`)."""
+
+    def __init__(self, te: TextEncoder, unet: UNetModel):
+        super().__init__()
+        self.te = te
+        self.unet = unet
+
+
+def make_text_unet(args) -> TextUNet:
+    """Text encoder as phase latents encoded the captions with (make_text_encoder: the features the base UNet was
+    trained on), the base checkpoint's UNet. ln_final stays frozen at weight 1, bias 0: every token's feature then
+    has mean exactly 0, so sdcore's "Original" emphasis is "No norm" (z * m, sdcore.prompts.apply_emphasis) by
+    construction, the same in training and at inference, and never divides by a mean that training moved near 0."""
+    te = make_text_encoder(args.seed).train().requires_grad_(True)
+    te.ln_final.requires_grad_(False)
+    unet = base_module(args, "model.diffusion_model.", UNetModel(tiny_family().unet))
+    return TextUNet(te, unet)
+
+
+def colour_multipliers(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 77] A1111 token multipliers: `weights` [B] on token 2 (the colour word of "a {colour} ...", one
+    BPE token for every PALETTE name, after BOS and "a"), 1 elsewhere; rows of the empty caption stay 1."""
+    m = torch.ones(tokens.shape, dtype=torch.float32)
+    has_caption = tokens[:, 1] != EOS
+    m[has_caption, 2] = weights[has_caption]
+    return m
+
+
+def train_joint(args) -> None:
+    """Phase joint: train the text encoder (ln_final frozen) and fine-tune the UNet together, with the caption
+    words' emphasis weight on the colour word for `args.emphasis_p` of the samples (tiny_data.emphasis_weight: the
+    drawn size), applied as inference applies it (sdcore.prompts.apply_emphasis, "Original")."""
+    from sdcore.prompts import apply_emphasis
+
+    work = Path(args.workdir)
+    data = torch.load(work / "latents.pt", weights_only=True)
+    tokens_all = torch.load(work / "text.pt", weights_only=True)["tokens"]
+    mean, std, caption_ids, emph = data["mean"], data["std"], data["caption_ids"], data["emphasis"]
+    scale = data["scale_factor"]
+    alphas = sd_alphas_cumprod().double()
+    snr = alphas / (1 - alphas)
+    weights = (torch.clamp(snr, max=args.min_snr_gamma) / snr).float()
+    sqrt_a, sqrt_1ma = alphas.sqrt().float(), (1 - alphas).sqrt().float()
+
+    model = make_text_unet(args)
+    ema = make_text_unet(args).requires_grad_(False)
+    groups = [dict(params=[p for p in model.unet.parameters()], weight_decay=0.01, lr_scale=1.0),
+              dict(params=[p for p in model.te.parameters() if p.requires_grad], weight_decay=0.0,
+                   lr_scale=args.te_lr / args.joint_lr)]
+    opt = torch.optim.AdamW(groups, lr=args.joint_lr, betas=(0.9, 0.99))
+    start = resume(work / "joint_state.pt", model, ema, opt)
+    n = mean.shape[0]
+    large = torch.nonzero(data["large"]).flatten() if args.large_p > 0 else None
+
+    def loss_fn(step):
+        gen = step_generator(args.seed, 5, step)
+        idx = torch.randint(0, n, (args.unet_batch,), generator=gen)
+        if large is not None:  # extra draws only then, so --large-p 0 keeps the random stream of earlier runs
+            pick = torch.rand(args.unet_batch, generator=gen) < args.large_p
+            idx = torch.where(pick, large[torch.randint(0, len(large), (args.unet_batch,), generator=gen)], idx)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        ids = caption_ids[idx].clone()
+        ids[torch.rand(args.unet_batch, generator=gen) < args.uncond_p] = 0
+        emphasised = torch.rand(args.unet_batch, generator=gen) < args.emphasis_p
+        t = torch.randint(0, 1000, (args.unet_batch,), generator=gen)
+        if args.high_t_p > 0:  # extra draws only then (as --large-p): the layout forms at high noise levels
+            high = torch.rand(args.unet_batch, generator=gen) < args.high_t_p
+            t = torch.where(high, torch.randint(400, 1000, (args.unet_batch,), generator=gen), t)
+        eps = torch.randn(x0.shape, generator=gen)
+        xt = sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * eps
+        tokens = tokens_all[ids]
+        m = colour_multipliers(tokens, torch.where(emphasised, emph[idx], torch.ones(args.unet_batch)))
+        context = apply_emphasis(model.te(tokens).hidden, m)
+        pred = model.unet(xt, t.float(), context)
+        per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
+        return (per_sample * weights[t]).mean(), dict(mse=per_sample.mean().item())
+
+    train_loop("joint", loss_fn, model, ema, opt, start, args.joint_steps, args.joint_lr, 100, args,
+               ema_decay=args.stage2_ema)
+
+
+def record_cpu(work: Path, phase: str, seconds: float) -> None:
+    """Add `seconds` of process CPU time (time.process_time) to phase's entry of work/cpu_seconds.json."""
+    path = work / "cpu_seconds.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[phase] = round(table.get(phase, 0.0) + seconds, 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, path)
+
+
 # ---- phase: export ------------------------------------------------------------------------------------------------
 
 def export(args) -> None:
@@ -294,13 +501,21 @@ def export(args) -> None:
                              f"with {trained}: set it in sdcore/families.py (the loader reads it from there)")
     sd: dict[str, torch.Tensor] = {}
     vae = AutoencoderKL(fam.vae)
-    if (work / "vae_state.pt").exists():
-        load_ema(work / "vae_state.pt", vae)
     torch.manual_seed(args.seed + 3)
     unet = UNetModel(fam.unet)
+    te = make_text_encoder(args.seed)
+    if (work / "vae_state.pt").exists():
+        load_ema(work / "vae_state.pt", vae)
+    elif args.base:
+        base_module(args, "first_stage_model.", vae)
+    if (work / "decoder_state.pt").exists():
+        load_ema(work / "decoder_state.pt", DecoderOnly(vae))
     if (work / "unet_state.pt").exists():
         load_ema(work / "unet_state.pt", unet)
-    te = make_text_encoder(args.seed)
+    elif args.base:
+        base_module(args, "model.diffusion_model.", unet)
+    if (work / "joint_state.pt").exists():
+        load_ema(work / "joint_state.pt", TextUNet(te, unet))
     for k, v in unet.state_dict().items():
         sd["model.diffusion_model." + k] = v.half()
     for k, v in vae.state_dict().items():
@@ -317,7 +532,7 @@ def export(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["vae", "latents", "unet", "export", "all"])
+    ap.add_argument("phase", choices=["vae", "latents", "unet", "export", "all", "decoder", "joint", "stage2"])
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
     ap.add_argument("--out", default=str(ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"))
     ap.add_argument("--seed", type=int, default=0)
@@ -337,12 +552,40 @@ def main(argv=None) -> None:
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--save-every", type=int, default=250)
+    stage2 = ap.add_argument_group("stage 2 (phases decoder, joint; 'stage2' = decoder, latents, joint, export)")
+    stage2.add_argument("--base", default=None, help="trained tiny checkpoint that stage 2 starts from")
+    stage2.add_argument("--decoder-steps", type=int, default=400)
+    stage2.add_argument("--decoder-batch", type=int, default=8)
+    stage2.add_argument("--decoder-lr", type=float, default=2e-4)
+    stage2.add_argument("--edge-band", type=int, default=4, help="pixels along each edge weighted up (decoder)")
+    stage2.add_argument("--edge-gain", type=float, default=4.0, help="extra loss weight of the edge band (decoder)")
+    stage2.add_argument("--joint-steps", type=int, default=1500)
+    stage2.add_argument("--joint-lr", type=float, default=3e-4, help="peak learning rate of the UNet (joint)")
+    stage2.add_argument("--te-lr", type=float, default=1e-3, help="peak learning rate of the text encoder (joint)")
+    stage2.add_argument("--emphasis-p", type=float, default=0.5,
+                        help="share of samples whose colour word carries its size as emphasis weight (joint)")
+    stage2.add_argument("--large-p", type=float, default=0.0,
+                        help="share of samples redrawn from the scenes without a position (large shapes) (joint)")
+    stage2.add_argument("--high-t-p", type=float, default=0.0,
+                        help="share of samples whose t is redrawn uniformly from [400, 999] (joint)")
+    stage2.add_argument("--stage2-ema", type=float, default=0.995)
+    stage2.add_argument("--keep-scale-factor", action=argparse.BooleanOptionalAction, default=None,
+                        help="latents: keep families.TINY_VAE.scale_factor (default: on when --base is given)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    phases = ["vae", "latents", "unet", "export"] if args.phase == "all" else [args.phase]
+    if args.keep_scale_factor is None:
+        args.keep_scale_factor = args.base is not None
+    phases = {"all": ["vae", "latents", "unet", "export"],
+              "stage2": ["decoder", "latents", "joint", "export"]}.get(args.phase, [args.phase])
+    work = Path(args.workdir)
     for phase in phases:
-        {"vae": train_vae, "latents": encode_dataset, "unet": train_unet, "export": export}[phase](args)
+        if phase == "latents" and (work / "latents.pt").exists() and args.phase == "stage2":
+            continue  # resumed run: the latents of this workdir are final
+        t = time.process_time()
+        {"vae": train_vae, "latents": encode_dataset, "unet": train_unet, "export": export, "decoder": train_decoder,
+         "joint": train_joint}[phase](args)
+        record_cpu(work, phase, time.process_time() - t)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,24 @@ def test_committed_checkpoint_loads_as_tiny():
     assert psnr >= 22.0
     # scale_factor makes the scaled latents of training scenes roughly unit variance
     assert 0.5 <= float((z * TINY.vae.scale_factor).std()) <= 1.5
+
+
+def test_scene_radius_and_emphasis_weight():
+    """sample_scene records the radius it drew (inside radius_range); emphasis_weight maps that range linearly onto
+    EMPHASIS_RANGE (0.5 at the smallest, 1.0 in the middle, 1.5 at the largest)."""
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        _, scene = tiny_data.sample_scene(rng)
+        low, high = tiny_data.radius_range(scene.shape, scene.position)
+        assert low <= scene.radius <= high
+        assert 0.5 <= tiny_data.emphasis_weight(scene) <= 1.5
+    base = tiny_data.Scene("red", "circle", None, None, False)
+    assert base == tiny_data.Scene("red", "circle", None, None, False, 17.0)  # the radius is not compared
+    from dataclasses import replace
+    assert tiny_data.emphasis_weight(replace(base, radius=12.0)) == pytest.approx(0.5)
+    assert tiny_data.emphasis_weight(replace(base, radius=16.0)) == pytest.approx(1.0)
+    assert tiny_data.emphasis_weight(replace(base, position="left", radius=11.0)) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="radius"):
+        tiny_data.emphasis_weight(base)
+    with pytest.raises(ValueError, match="shape"):
+        tiny_data.radius_range("hexagon", None)

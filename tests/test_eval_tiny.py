@@ -1,0 +1,118 @@
+"""Tests for the issue-14 metrics of scripts/eval_tiny.py (corner speck, red area, position words) and the stage-2
+training helpers of scripts/train_tiny.py, on hand-made inputs whose answer is known by construction."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import eval_tiny  # noqa: E402
+import tiny_data  # noqa: E402
+import train_tiny  # noqa: E402
+
+
+def _plain(rgb, n=1):
+    return np.broadcast_to(np.asarray(rgb, np.uint8), (n, 64, 64, 3)).copy()
+
+
+def test_corner_speck_is_zero_on_plain_images():
+    assert np.array_equal(eval_tiny.corner_speck(_plain((10, 200, 30), 3)), np.zeros(3))
+
+
+@pytest.mark.parametrize("corner", eval_tiny.CORNERS)
+def test_corner_speck_measures_a_hand_made_speck(corner):
+    """A 2 x 2 speck (140, 90, 100) in a (100, 100, 100) image: deviation max(|40|, |-10|, |0|) = 40 at its own
+    corner, 0 at the other three."""
+    image = _plain((100, 100, 100))[0]
+    rows = slice(0, 2) if corner.startswith("top") else slice(62, 64)
+    cols = slice(0, 2) if corner.endswith("left") else slice(62, 64)
+    image[rows, cols] = (140, 90, 100)
+    for other in eval_tiny.CORNERS:
+        assert eval_tiny.corner_speck(image, other)[0] == (40.0 if other == corner else 0.0)
+
+
+def test_corner_speck_neighbourhood_is_the_median_of_the_band():
+    """Pixels outside the 8 x 8 block do not count; inside the band a minority of outliers does not move the
+    median: a speck of +30 over a band with 10 outlying pixels still reads 30."""
+    image = _plain((50, 50, 50))[0]
+    image[:56, :] = 255  # outside the bottom-right 8 x 8 block
+    image[56, 56:] = 0  # 8 of the band's 55 pixels
+    image[-3:, -3:] = 80
+    assert eval_tiny.corner_speck(image)[0] == 30.0
+
+
+def test_corner_speck_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="corner"):
+        eval_tiny.corner_speck(_plain((0, 0, 0)), "middle")
+    with pytest.raises(ValueError, match="size"):
+        eval_tiny.corner_speck(_plain((0, 0, 0)), size=8, context=8)
+    with pytest.raises(ValueError, match="uint8"):
+        eval_tiny.corner_speck(np.zeros((1, 64, 64, 3), np.float32))
+
+
+def test_plain_images_have_no_corner_speck():
+    images = eval_tiny.plain_images(16)
+    assert images.shape == (16, 64, 64, 3) and images.dtype == np.uint8
+    assert np.array_equal(eval_tiny.corner_speck(images[:8]), np.zeros(8))  # flat colours: exactly 0
+    assert eval_tiny.corner_speck(images[8:]).max() <= 24  # named backgrounds: +-12 jitter per channel, one colour
+
+
+def test_red_area_counts_nearest_palette_red():
+    images = _plain(tiny_data.PALETTE["blue"], 2)
+    images[0, :10, :10] = (200, 40, 40)  # nearest palette colour red: 100 pixels
+    images[1, :5, :4] = tiny_data.PALETTE["orange"]  # orange is not red
+    assert eval_tiny.red_area(images).tolist() == [100, 0]
+
+
+@pytest.mark.parametrize("word,centre,expected", [
+    ("left", (10.0, 32.0), True), ("left", (40.0, 5.0), False), ("right", (40.0, 5.0), True),
+    ("top", (32.5, 20.0), True), ("top", (20.0, 40.0), False), ("bottom", (20.0, 40.0), True),
+    ("bottom", None, False), ("left", (32.0, 32.0), False), ("right", (32.0, 32.0), False),
+])
+def test_position_followed(word, centre, expected):
+    assert eval_tiny.position_followed(centre, word) is expected
+
+
+def test_position_followed_on_drawn_scenes():
+    """The detector's centre of a drawn shape at a named ninth is in the half each of its words names."""
+    for position, words in (("left", ["left"]), ("top right", ["top", "right"]), ("bottom left", ["bottom", "left"])):
+        cx, cy = (f * 64 for f in tiny_data.POSITIONS[position])
+        cover = tiny_data.shape_mask("circle", cx, cy, 9)[..., None]
+        image = np.round(np.full((64, 64, 3), 240.0) * (1 - cover) + np.array([220, 30, 30]) * cover)
+        centre = tiny_data.detect_scene(image.astype(np.uint8)).centre
+        assert all(eval_tiny.position_followed(centre, w) for w in words)
+    with pytest.raises(ValueError, match="word"):
+        eval_tiny.position_followed((1.0, 1.0), "centre")
+
+
+def test_edge_weights_mean_one_and_corner_heaviest():
+    w = train_tiny.edge_weights(64, band=4, gain=4.0)
+    assert w.shape == (64, 64) and abs(float(w.mean()) - 1.0) < 1e-6
+    assert float(w[-1, -1]) / float(w[32, 32]) == pytest.approx(9.0)  # 1 + 2 gain against 1
+    assert float(w[32, -1]) / float(w[32, 32]) == pytest.approx(5.0)  # 1 + gain
+
+
+def test_colour_multipliers_weight_only_the_colour_word():
+    from sdcore.models.text import load_tokenizer
+
+    tok = load_tokenizer()
+    tokens = train_tiny.caption_tokens(tok, ["a purple cross at the top", ""])
+    m = train_tiny.colour_multipliers(tokens, torch.tensor([1.4, 0.6]))
+    assert tokens[0, 2] == tok.encode("purple")[0]
+    assert m[0, 2] == pytest.approx(1.4) and (m[0, :2] == 1).all() and (m[0, 3:] == 1).all()
+    assert (m[1] == 1).all()  # the empty caption carries no emphasis
+
+
+def test_colour_multipliers_match_prompt_parsing():
+    """Training's multipliers are what sdcore's prompt parser gives "a (red:1.3) circle" at inference."""
+    from sdcore.models.text import load_tokenizer
+    from sdcore.prompts import tokenize_line
+
+    tok = load_tokenizer()
+    chunk = tokenize_line("a (red:1.3) circle", tok)[0][0]
+    m = train_tiny.colour_multipliers(train_tiny.caption_tokens(tok, ["a red circle"]), torch.tensor([1.3]))
+    assert train_tiny.caption_tokens(tok, ["a red circle"])[0].tolist() == list(chunk.tokens)
+    assert torch.allclose(m[0], torch.tensor(chunk.multipliers, dtype=torch.float32))

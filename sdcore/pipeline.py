@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import images, rng
+from . import images, resources, rng
 from .checkpoint import StableDiffusionModel
 from .embeddings import Embedding, as_lookup
+from .models import vae_tiling as tiling
 from .plan import Plan, SamplingPass
 from .prompts import (get_learned_conditioning, get_multicond_learned_conditioning, reconstruct_cond_batch,
                       reconstruct_multicond_batch)
@@ -70,12 +71,14 @@ class Seeds:
     source: str = "CPU"
     eta_noise_seed_delta: int = 0
 
-    def rng(self, shape: Sequence[int], device: torch.device) -> rng.ImageRNG:
-        """The batch's noise source for latents of one image's `shape` (C, h, w) (a1111-semantics §8.2)."""
+    def rng(self, shape: Sequence[int], device: torch.device,
+            on_draw: Callable[[str, Tensor], None] | None = None) -> rng.ImageRNG:
+        """The batch's noise source for latents of one image's `shape` (C, h, w) (a1111-semantics §8.2); `on_draw`
+        is told the draws of the initial noise (`rng.ImageRNG`, for noise fingerprints)."""
         return rng.ImageRNG(shape, list(self.seeds), subseeds=list(self.subseeds), source=self.source, device=device,
                             subseed_strength=self.subseed_strength, seed_resize_from_h=self.seed_resize_from_h,
                             seed_resize_from_w=self.seed_resize_from_w,
-                            eta_noise_seed_delta=self.eta_noise_seed_delta)
+                            eta_noise_seed_delta=self.eta_noise_seed_delta, on_draw=on_draw)
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
             image_cfg_scale: float | None = None, background_color: str = "#ffffff", color_correction: bool = False,
             vae_sample: bool = True, fill_seeds: Sequence[int] | None = None, refiner: Refiner | None = None,
             callback: Callable | None = None, model_callback: Callable | None = None,
-            disable_progress: bool | None = None) -> Result:
+            disable_progress: bool | None = None, vae_tiling: bool | None = None) -> Result:
     """img2img and inpainting of one batch (a1111-semantics §2, §6, §9). Returns `Result`.
 
     `init_images`: PIL images (one, repeated to the batch, or one per image); `mask`: PIL, white = regenerate, or
@@ -190,10 +193,15 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
     schedule that runs; `fill_seeds`: seeds of the "latent noise" fill (A1111 draws it once per job from the job's
     first seeds; default `seeds.seeds`). The VAE posterior sample of image i draws from the stream of its own seed
     (`seeds.seeds[i]`), so image i of a later batch equals the same seed run alone (sdcore deviates: A1111 samples
-    the posterior once per job from the unseeded global RNG). Raises ValueError / NotImplementedError
-    for values the steps below refuse.
+    the posterior once per job from the unseeded global RNG). `vae_tiling`: encode and decode in tiles
+    (`models/vae_tiling.py`, equal to the untiled VAE up to float rounding) when True, never when False, and when
+    None only if the untiled VAE would not fit in the memory available (`resources.vae_tiling_choice`; the Plan
+    says which and why). Raises ValueError / NotImplementedError for values the steps below refuse.
     """
     device, mask_round = model.device, masking.mask_round and not blend.keeps_grey_mask
+    tiled, tiled_why = resources.vae_tiling_choice(model.family, width, height, vae_tiling, vae_dtype=model.vae_dtype,
+                                                   device=device)
+    on_noise = noise_reporter(model_callback)
     prep = images.prepare_inputs(
         init_images, mask, width=width, height=height, batch_size=len(seeds.seeds), resize_mode=resize_mode,
         mask_blur_x=masking.mask_blur_x, mask_blur_y=masking.mask_blur_y, mask_round=mask_round,
@@ -202,18 +210,20 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
         latent_mask=masking.latent_mask, background_color=background_color, color_correction=color_correction)
     batch_seeds, fill_seeds = list(seeds.seeds), list(fill_seeds or seeds.seeds)
     source = (2.0 * torch.from_numpy(prep.pixels).permute(0, 3, 1, 2) - 1.0).to(device)  # [B,3,H,W] in [-1, 1]
-    init_latent = encode(model, source, batch_seeds, sample=vae_sample, rng_source=seeds.source)
+    init_latent = encode(model, source, batch_seeds, sample=vae_sample, rng_source=seeds.source, on_noise=on_noise,
+                         tiled=tiled)
     if resize_mode == 3:
         init_latent = F.interpolate(init_latent, size=(height // 8, width // 8), mode="bilinear")
     keep, nmask = latent_masks(prep.latent_mask if prep.mask is not None else None, init_latent, mask_round)
-    init_latent = fill_latent(init_latent, keep, nmask, masking.inpainting_fill, fill_seeds, seeds.source)
+    init_latent = fill_latent(init_latent, keep, nmask, masking.inpainting_fill, fill_seeds, seeds.source,
+                              on_noise=on_noise)
     image_cond = image_conditioning(model, source, init_latent, prep.mask, batch_seeds, mask_round=mask_round,
                                     mask_weight=masking.inpainting_mask_weight, vae_sample=vae_sample,
-                                    rng_source=seeds.source)
+                                    rng_source=seeds.source, on_noise=on_noise, tiled=tiled)
     conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(steps), text, width, height)
     later_conds = refiner_conds(refiner, prompts, negative_prompts, sampler, steps, text, width, height)
     steps, t_enc = schedules.setup_img2img_steps(steps, denoising_strength, options.fix_steps)
-    noise_rng = seeds.rng(init_latent.shape[1:], device)
+    noise_rng = seeds.rng(init_latent.shape[1:], device, on_draw=on_noise)
     noise = noise_rng.next().float() * options.initial_noise_multiplier
     record = SamplingPass(sampler.name, None, steps, t_enc, None, None, None, width, height)
     x = noised_init(model, sampler, scheduler, init_latent, noise, options, record)
@@ -230,10 +240,11 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
     overlays = prep.overlay_images if masking.overlay else None
     if overlays is not None and ctx is not None:
         overlays = blend.overlays(overlays, prep.originals, samples, ctx, width, height, prep.paste_to)
-    pictures = finish_images(decode(final_model, samples.to(device)), prep.color_corrections, overlays, prep.paste_to)
+    pictures = finish_images(decode(final_model, samples.to(device), tiled=tiled), prep.color_corrections, overlays,
+                             prep.paste_to)
     plan = Plan([record], list(seeds.seeds), list(seeds.subseeds), crop_region=prep.crop_region,
                 paste_to=prep.paste_to, blank_mask=prep.blank_mask, blend=blend.name if ctx is not None else None,
-                **mask_coverage(nmask))
+                vae_tiling=tiled, vae_tiling_reason=tiled_why, **mask_coverage(nmask))
     return Result(pictures, samples, plan, final_model, init_latent=init_latent, mask=keep, nmask=nmask,
                   image_conditioning=image_cond, overlay_images=prep.overlay_images,
                   mask_for_overlay=prep.mask_for_overlay)
@@ -244,20 +255,25 @@ def txt2img(model: StableDiffusionModel, prompts: list[str], negative_prompts: l
             options: SamplerOptions = SamplerOptions(), text: TextOptions = TextOptions(),
             vae_sample: bool = True, inpainting_mask_weight: float = 1.0, refiner: Refiner | None = None,
             decode_images: bool = True, callback: Callable | None = None,
-            model_callback: Callable | None = None, disable_progress: bool | None = None) -> Result:
+            model_callback: Callable | None = None, disable_progress: bool | None = None,
+            vae_tiling: bool | None = None) -> Result:
     """txt2img of one batch from pure noise at the schedule's first sigma (a1111-semantics §6.3, last paragraph).
 
     Same arguments as `img2img` without images, masks or strength; `decode_images` False skips the VAE decode
     (the hires fix continues from `Result.latents`). Returns `Result` (images empty when not decoded).
     """
     device = model.device
+    tiled, tiled_why = resources.vae_tiling_choice(model.family, width, height, vae_tiling, vae_dtype=model.vae_dtype,
+                                                   device=device)
     shape = (model.family.unet.out_channels, height // 8, width // 8)
     conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(steps), text, width, height)
     later_conds = refiner_conds(refiner, prompts, negative_prompts, sampler, steps, text, width, height)
-    noise_rng = seeds.rng(shape, device)
+    on_noise = noise_reporter(model_callback)
+    noise_rng = seeds.rng(shape, device, on_draw=on_noise)
     noise = noise_rng.next().float()
     image_cond = txt2img_image_conditioning(model, noise, list(seeds.seeds), mask_weight=inpainting_mask_weight,
-                                            vae_sample=vae_sample, rng_source=seeds.source)
+                                            vae_sample=vae_sample, rng_source=seeds.source, on_noise=on_noise,
+                                            tiled=tiled)
     record = SamplingPass(sampler.name, None, steps, None, None, None, None, width, height)
     if sampler.kind == "timestep":
         x, record.timesteps = noise, get_timesteps(steps, sampler.discard_next_to_last_sigma, device=device)
@@ -269,8 +285,8 @@ def txt2img(model: StableDiffusionModel, prompts: list[str], negative_prompts: l
                      ctx=None, noise_rng=noise_rng, seeds=seeds, options=options, refiner=refiner,
                      refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
     final_model = model_in_use(model, refiner, record)
-    pictures = decode(final_model, samples.to(device)) if decode_images else []
-    plan = Plan([record], list(seeds.seeds), list(seeds.subseeds))
+    pictures = decode(final_model, samples.to(device), tiled=tiled) if decode_images else []
+    plan = Plan([record], list(seeds.seeds), list(seeds.subseeds), vae_tiling=tiled, vae_tiling_reason=tiled_why)
     return Result(pictures, samples, plan, final_model, image_conditioning=image_cond)
 
 
@@ -281,30 +297,36 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
               upscaler: str = "Latent", options: SamplerOptions = SamplerOptions(), text: TextOptions = TextOptions(),
               vae_sample: bool = True, inpainting_mask_weight: float = 1.0, refiner: Refiner | None = None,
               callback: Callable | None = None,
-              model_callback: Callable | None = None, disable_progress: bool | None = None) -> Result:
+              model_callback: Callable | None = None, disable_progress: bool | None = None,
+              vae_tiling: bool | None = None) -> Result:
     """The hires fix's second pass (A1111 `sample_hr_pass`): upscale txt2img `latents` [B,C,h,w] to `width` x
     `height` pixels in latent space (`LATENT_UPSCALERS`) or in pixels (decode, PIL resize, encode), then img2img
     them with `steps` as an explicit step count (a1111-semantics §6.2: the fix-steps rule). `first_pass_steps`
     is the step count prompt-editing schedules are laid out on (A1111 `calculate_hr_conds`); `cond_size` the
     (width, height) in pixels the SDXL size conditioning reports (the first pass's size, as the job's width and
-    height stay those of the first pass). Returns `Result`.
+    height stay those of the first pass). `vae_tiling` as `img2img`'s, decided at the hires size (the pixel
+    upscalers decode the first pass's latents with that choice too). Returns `Result`.
     """
-    device, batch_seeds = model.device, list(seeds.seeds)
+    device, batch_seeds, on_noise = model.device, list(seeds.seeds), noise_reporter(model_callback)
+    tiled, tiled_why = resources.vae_tiling_choice(model.family, width, height, vae_tiling, vae_dtype=model.vae_dtype,
+                                                   device=device)
     if upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[upscaler]
         init_latent = F.interpolate(latents, size=(height // 8, width // 8), mode=mode, antialias=antialias)
         source = None
     else:
-        resized = [im.resize((width, height), PIXEL_UPSCALERS[upscaler]) for im in decode(model, latents)]
+        resized = [im.resize((width, height), PIXEL_UPSCALERS[upscaler]) for im in decode(model, latents,
+                                                                                            tiled=tiled)]
         source = pixels_to_source(resized, device)
-        init_latent = encode(model, source, batch_seeds, sample=vae_sample, rng_source=seeds.source)
+        init_latent = encode(model, source, batch_seeds, sample=vae_sample, rng_source=seeds.source, on_noise=on_noise,
+                             tiled=tiled)
     image_cond = None
     if model.family.conditioning == "hybrid":
-        source = pixels_to_source(decode(model, init_latent), device) if source is None else source
+        source = pixels_to_source(decode(model, init_latent, tiled=tiled), device) if source is None else source
         image_cond = image_conditioning(model, source, init_latent, None, batch_seeds, mask_round=True,
                                         mask_weight=inpainting_mask_weight, vae_sample=vae_sample,
-                                        rng_source=seeds.source)
-    noise_rng = seeds.rng(tuple(init_latent.shape[1:]), device)
+                                        rng_source=seeds.source, on_noise=on_noise, tiled=tiled)
+    noise_rng = seeds.rng(tuple(init_latent.shape[1:]), device, on_draw=on_noise)
     noise = noise_rng.next().float()
     conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(first_pass_steps), text, *cond_size,
                          hires_steps=sampler.total_steps(steps))
@@ -317,25 +339,29 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
                      ctx=None, noise_rng=noise_rng, seeds=seeds, options=options, refiner=refiner,
                      refiner_conds=later_conds, callback=callback, model_callback=model_callback, disable_progress=disable_progress)
     final_model = model_in_use(model, refiner, record)
-    plan = Plan([record], batch_seeds, list(seeds.subseeds))
-    return Result(decode(final_model, samples.to(device)), samples, plan, final_model, init_latent=init_latent,
+    plan = Plan([record], batch_seeds, list(seeds.subseeds), vae_tiling=tiled, vae_tiling_reason=tiled_why)
+    return Result(decode(final_model, samples.to(device), tiled=tiled), samples, plan, final_model,
+                  init_latent=init_latent,
                   image_conditioning=image_cond)
 
 
 # -- the arrows ------------------------------------------------------------------------------------------------------
 
 def encode(model: StableDiffusionModel, source: Tensor, seeds: Sequence[int], *, sample: bool = True,
-           rng_source: str = "CPU") -> Tensor:
+           rng_source: str = "CPU", on_noise: Callable[..., None] | None = None, tiled: bool = False) -> Tensor:
     """Scaled latents float32 [B,C,h,w] of pixels `source` [B,3,H,W] in [-1, 1] (LDM `get_first_stage_encoding`,
     a1111-semantics §2.7): one image at a time (as A1111 does for batches), `scale_factor * (mean + std * eps)`
     with eps from image i's own VAE stream (`rng.vae_sample_noise(seeds[i % len(seeds)])`), or the posterior mean
-    when `sample` is False."""
+    when `sample` is False. `on_noise("vae_sample", eps)` is told each eps (`noise_reporter`). `tiled`: through
+    `models/vae_tiling.py` (the same posterior up to float rounding, in less memory)."""
     out = []
     for i, px in enumerate(source):
-        dist = model.vae.encode(px[None].to(model.device, model.vae_dtype))
+        dist = tiling.encode(model.vae, px[None].to(model.device, model.vae_dtype), tiled)
         if sample:
             eps = rng.vae_sample_noise([seeds[i % len(seeds)]], dist.mean.shape[1:], source=rng_source,
                                        device=model.device)
+            if on_noise is not None:
+                on_noise("vae_sample", eps)
             z = dist.sample_from(eps)
         else:
             z = dist.mode()
@@ -343,9 +369,9 @@ def encode(model: StableDiffusionModel, source: Tensor, seeds: Sequence[int], *,
     return torch.cat(out).float()
 
 
-def decode(model: StableDiffusionModel, latents: Tensor) -> list[Image.Image]:
+def decode(model: StableDiffusionModel, latents: Tensor, tiled: bool = False) -> list[Image.Image]:
     """PIL RGB images of scaled latents [B,C,h,w] (a1111-semantics §7.2): one at a time, divided by scale_factor,
-    `(x + 1) / 2` clamped to [0, 1], times 255, truncated to uint8.
+    `(x + 1) / 2` clamped to [0, 1], times 255, truncated to uint8; `tiled`: through `models/vae_tiling.py`.
 
     Raises FloatingPointError if a latent is not finite (NaN or inf: made upstream, the message says so) or the
     VAE's output is not (the hint depends on the VAE's dtype: float32 for a float16/bfloat16 VAE; otherwise the
@@ -356,7 +382,8 @@ def decode(model: StableDiffusionModel, latents: Tensor) -> list[Image.Image]:
         if not bool(torch.isfinite(z).all()):
             raise FloatingPointError(f"VAE decode: the latent of image {i} is already non-finite (NaN or inf) before "
                                      "decoding; it was produced upstream (sampling or upscaling), not by the VAE")
-        x = model.vae.decode((z[None] / model.family.vae.scale_factor).to(model.device, model.vae_dtype)).float()
+        x = tiling.decode(model.vae, (z[None] / model.family.vae.scale_factor).to(model.device, model.vae_dtype),
+                          tiled).float()
         if not bool(torch.isfinite(x).all()):
             largest = float(z.abs().max())
             hint = ("run the VAE in float32 (load_checkpoint(..., vae_dtype=torch.float32); the command line "
@@ -390,31 +417,35 @@ def latent_masks(mask: Image.Image | None, init_latent: Tensor, mask_round: bool
 
 
 def fill_latent(init_latent: Tensor, mask: Tensor | None, nmask: Tensor | None, inpainting_fill: int,
-                seeds: Sequence[int], rng_source: str) -> Tensor:
+                seeds: Sequence[int], rng_source: str, on_noise: Callable[..., None] | None = None) -> Tensor:
     """The init latent with its masked cells replaced (a1111-semantics §2 step 8): fill 2 "latent noise" = the
-    first N(0, 1) draw of each image's seed (`rng.randn_local`), fill 3 "latent nothing" = 0; other fills (and no
-    mask) return `init_latent` itself."""
+    first N(0, 1) draw of each image's seed (`rng.randn_local`, told to `on_noise` as "latent_noise_fill"), fill 3
+    "latent nothing" = 0; other fills (and no mask) return `init_latent` itself."""
     if mask is None or inpainting_fill not in (2, 3):
         return init_latent
     if inpainting_fill == 3:
         return init_latent * mask
     noise = torch.stack([rng.randn_local(s, init_latent.shape[1:], source=rng_source, device=init_latent.device)
                          for s in seeds[:init_latent.shape[0]]])
+    if on_noise is not None:
+        on_noise("latent_noise_fill", noise)
     return init_latent * mask + noise.float() * nmask
 
 
 def image_conditioning(model: StableDiffusionModel, source: Tensor, latent: Tensor, mask: Image.Image | None,
                        seeds: Sequence[int], *, mask_round: bool, mask_weight: float, vae_sample: bool,
-                       rng_source: str) -> Tensor | None:
-    """c_concat of models with image conditioning (a1111-semantics §5, §5.1), else None.
+                       rng_source: str, on_noise: Callable[..., None] | None = None,
+                       tiled: bool = False) -> Tensor | None:
+    """c_concat of models with image conditioning (a1111-semantics §5, §5.1), else None; `tiled`: the tiled VAE.
 
     9-channel inpainting ("hybrid"): [B, 1 + C, h, w] = the processing mask (1 = regenerate; rounded when
     `mask_round`; all ones without a mask) at latent size by nearest interpolation, then the latent of
     `lerp(source, source * (1 - mask), mask_weight)`. instruct-pix2pix ("edit"): the posterior mean of `source`,
-    unscaled. `source` [B,3,H,W] in [-1, 1]; `latent` [B,C,h,w] gives the size and dtype.
+    unscaled. `source` [B,3,H,W] in [-1, 1]; `latent` [B,C,h,w] gives the size and dtype. The masked image's VAE
+    sample eps is told to `on_noise` as "vae_sample_conditioning".
     """
     if model.family.conditioning == "edit":
-        return torch.cat([model.vae.encode(px[None].to(model.device, model.vae_dtype)).mode()
+        return torch.cat([tiling.encode(model.vae, px[None].to(model.device, model.vae_dtype), tiled).mode()
                           for px in source]).float()
     if model.family.conditioning != "hybrid":
         return None
@@ -425,13 +456,16 @@ def image_conditioning(model: StableDiffusionModel, source: Tensor, latent: Tens
     else:
         cmask = source.new_ones(1, 1, *source.shape[-2:])
     masked = torch.lerp(source, source * (1.0 - cmask), mask_weight)
-    masked_latent = encode(model, masked, seeds, sample=vae_sample, rng_source=rng_source)
+    renamed = None if on_noise is None else lambda name, eps: on_noise("vae_sample_conditioning", eps)
+    masked_latent = encode(model, masked, seeds, sample=vae_sample, rng_source=rng_source, on_noise=renamed,
+                           tiled=tiled)
     cmask = F.interpolate(cmask, size=latent.shape[-2:]).expand(latent.shape[0], -1, -1, -1)
     return torch.cat([cmask, masked_latent], dim=1).to(latent.dtype)
 
 
 def txt2img_image_conditioning(model: StableDiffusionModel, x: Tensor, seeds: Sequence[int], *, mask_weight: float,
-                               vae_sample: bool, rng_source: str) -> Tensor | None:
+                               vae_sample: bool, rng_source: str,
+                               on_noise: Callable[..., None] | None = None, tiled: bool = False) -> Tensor | None:
     """txt2img with a 9-channel model (a1111-semantics §5.1): a ones mask and the latent of a 0.5-grey image.
     Raises NotImplementedError for instruct-pix2pix models (they need an image)."""
     if model.family.conditioning == "edit":
@@ -440,7 +474,7 @@ def txt2img_image_conditioning(model: StableDiffusionModel, x: Tensor, seeds: Se
         return None
     grey = x.new_zeros(x.shape[0], 3, x.shape[2] * 8, x.shape[3] * 8)  # 0.5 in [0, 1] is 0 in [-1, 1]
     return image_conditioning(model, grey, x, None, seeds, mask_round=True, mask_weight=mask_weight,
-                              vae_sample=vae_sample, rng_source=rng_source)
+                              vae_sample=vae_sample, rng_source=rng_source, on_noise=on_noise, tiled=tiled)
 
 
 def encode_conds(model: StableDiffusionModel, prompts: list[str], negative_prompts: list[str], total_steps: int,
@@ -590,7 +624,8 @@ def sample(model: StableDiffusionModel, sampler: SamplerInfo, x: Tensor, record:
 
     denoiser = with_call_index(traced(checked, record, model_callback), n_calls)
     samples = run_sampler(model, sampler, denoiser, x, record, cfg_scale, noise_rng, seeds, options, callback,
-                          disable_progress, is_img2img=record.t_enc is not None)
+                          disable_progress, is_img2img=record.t_enc is not None,
+                          on_noise=noise_reporter(model_callback))
     if not finite(samples):
         calls = len(record.model_calls)
         raise non_finite(f"the sampler's update after its last model call ({calls}) produced non-finite latents",
@@ -659,7 +694,8 @@ def traced(denoiser: Callable[..., Tensor], record: SamplingPass,
            model_callback: Callable[[dict], None] | None) -> Callable[..., Tensor]:
     """`denoiser`, appending each call's sigma (of image 0) to `record.model_calls` and reporting
     {"i": call index, "x", "sigma", "sigma_hat", "denoised"} to `model_callback` (e.g. a `TraceRecorder`); unlike
-    the sampler callback (once per step) this sees second-order sub-steps too."""
+    the sampler callback (once per step) this sees second-order sub-steps too. Noise draws reach `model_callback`
+    separately, as dicts with a "noise" key (`noise_reporter`)."""
     def call(x: Tensor, sigma: Tensor, *, step: int, **kwargs: Any):
         out = denoiser(x, sigma, step=step, **kwargs)
         record.model_calls.append(float(sigma[0]))
@@ -673,16 +709,19 @@ def traced(denoiser: Callable[..., Tensor], record: SamplingPass,
 
 def run_sampler(model: StableDiffusionModel, sampler: SamplerInfo, denoiser: Callable[..., Tensor], x: Tensor,
                 record: SamplingPass, cfg_scale: float, noise_rng: rng.ImageRNG, seeds: Seeds,
-                options: SamplerOptions, callback: Callable | None, disable: bool | None, is_img2img: bool) -> Tensor:
+                options: SamplerOptions, callback: Callable | None, disable: bool | None, is_img2img: bool,
+                on_noise: Callable[..., None] | None = None) -> Tensor:
     """Call the sampler function with A1111's arguments (a1111-semantics §6.3-6.5): the per-step noise from the
     image RNG (or a per-image Brownian tree), the options of `options.sampler_kwargs`, DPM fast/adaptive with a
-    sigma range instead of a schedule, DDIM's eta noise, UniPC's img2img flag."""
+    sigma range instead of a schedule, DDIM's eta noise, UniPC's img2img flag. Every draw is told to `on_noise`
+    (`reported_noise`)."""
     extra_args = {"cond_scale": cfg_scale}
     kw = dict(options.sampler_kwargs)
     if sampler.kind == "timestep":
         alphas = model.alphas_cumprod.to(model.device)
         if "eta" in kw:
-            kw["noise_sampler"] = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)
+            kw["noise_sampler"] = reported_noise(lambda sigma, sigma_next: noise_rng.next().to(x.dtype), "step_noise",
+                                                 None, on_noise)
         if sampler.funcname == "unipc":
             kw["is_img2img"] = is_img2img
         return TIMESTEP_SAMPLERS[sampler.name](denoiser, x, record.timesteps, alphas, extra_args=extra_args,
@@ -691,8 +730,10 @@ def run_sampler(model: StableDiffusionModel, sampler: SamplerInfo, denoiser: Cal
     if sampler.brownian_noise:
         sigmas = record.sigmas.to(x.device)
         noise_sampler = BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seeds=list(seeds.seeds))
+        noise_sampler = reported_noise(noise_sampler, "brownian_noise", sigma_sched, on_noise)
     else:
-        noise_sampler = lambda sigma, sigma_next: noise_rng.next().to(x.dtype)  # noqa: E731
+        noise_sampler = reported_noise(lambda sigma, sigma_next: noise_rng.next().to(x.dtype), "step_noise",
+                                       sigma_sched, on_noise)
     if sampler.solver_type:
         kw["solver_type"] = sampler.solver_type
     if sampler.sigma_range:  # DPM fast / adaptive take a range and a call count (a1111-semantics §6.3 step 3)
@@ -703,6 +744,39 @@ def run_sampler(model: StableDiffusionModel, sampler: SamplerInfo, denoiser: Cal
                                 noise_sampler=noise_sampler, **kw)
     return sampler.function(denoiser, x, sigma_sched, extra_args=extra_args, callback=callback, disable=disable,
                             noise_sampler=noise_sampler, **kw)
+
+
+def noise_reporter(model_callback: Callable[[dict], None] | None) -> Callable[..., None] | None:
+    """`on_noise(name, noise, step=-1, sigma=None, sigma_next=None)`, telling `model_callback` about one noise draw
+    as {"noise", "name", "step", "sigma", "sigma_next"} (a `TraceRecorder` keeps its sha256, not the tensor); None
+    without a model_callback. Model-call dicts (`traced`) never have a "noise" key."""
+    if model_callback is None:
+        return None
+
+    def on_noise(name: str, noise: Tensor, step: int = -1, sigma: float | None = None,
+                 sigma_next: float | None = None) -> None:
+        model_callback({"noise": noise, "name": name, "step": step, "sigma": sigma, "sigma_next": sigma_next})
+
+    return on_noise
+
+
+def reported_noise(noise_sampler: Callable[[Tensor, Tensor], Tensor], name: str, sigma_sched: Tensor | None,
+                   on_noise: Callable[..., None] | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """`noise_sampler`, telling `on_noise` about each draw as `name` with its interval and step: the i with
+    sigma_sched[i] equal to the draw's sigma (rtol 1e-5: DPM++ SDE passes exp(-(-log sigma))), else -1 (Restart's
+    jumps, DPM fast/adaptive, timestep samplers). `noise_sampler` itself when `on_noise` is None."""
+    if on_noise is None:
+        return noise_sampler
+    levels = None if sigma_sched is None else sigma_sched.detach().double().cpu()
+
+    def draw(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        noise = noise_sampler(sigma, sigma_next)
+        match = [] if levels is None else torch.nonzero(torch.isclose(levels, torch.tensor(float(sigma)).double(),
+                                                                      rtol=1e-5, atol=0.0)).flatten().tolist()
+        on_noise(name, noise, step=match[0] if match else -1, sigma=float(sigma), sigma_next=float(sigma_next))
+        return noise
+
+    return draw
 
 
 def blend_sigmas(record: SamplingPass, schedule: CompVisDenoiser) -> Tensor:

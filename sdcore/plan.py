@@ -66,6 +66,8 @@ class Plan:
     - `mask_cells`, `latent_cells`: latent cells with a regenerate weight > 0, and all cells (mask coverage =
       their ratio); `mask_mean`: the mean regenerate weight. None without a mask.
     - `blend`: name of the mask blend strategy that ran (`sampling/blends.py`).
+    - `vae_tiling`: the VAE ran in tiles (`models/vae_tiling.py`); `vae_tiling_reason`: why, or why not
+      (`resources.vae_tiling_choice`: asked for, turned off, or the automatic estimate against the memory available).
     """
 
     passes: list[SamplingPass]
@@ -78,6 +80,8 @@ class Plan:
     latent_cells: int | None = None
     mask_mean: float | None = None
     blend: str | None = None
+    vae_tiling: bool = False
+    vae_tiling_reason: str | None = None
 
     @property
     def model_calls(self) -> int:
@@ -242,6 +246,8 @@ def explain(dry: DryRun, header: list[str] | None = None) -> str:
                      f"processed at {p.width}x{p.height}, pasted back at {pw}x{ph}")
     elif plan.mask_cells is not None:
         lines.append("inpaint area: whole picture")
+    if plan.vae_tiling_reason is not None:
+        lines.append(f"VAE: {'tiled' if plan.vae_tiling else 'untiled'} ({plan.vae_tiling_reason})")
     for comment in processed.comments.values():
         lines.append(f"note: {comment}")
     seeds = ", ".join(f"{s}" + (f" (variation {v} at {p.subseed_strength})" if p.subseed_strength else "")

@@ -73,6 +73,10 @@ class Options:
     # A1111 command-line options: where `<lora:name>` and embedding names are looked up (None = nowhere)
     lora_dir: str | None = None
     embeddings_dir: str | None = None
+    # sdcore's, not an A1111 option (A1111 v1.10.1 has no VAE tiling; extensions add it): True = always tile the
+    # VAE, False = never, None = when the untiled VAE would not fit in the memory available (pipeline.img2img's
+    # `vae_tiling`; the result is the untiled VAE's up to float rounding, so it writes no infotext key)
+    vae_tiling: bool | None = None
 
 
 
@@ -175,6 +179,8 @@ class StableDiffusionProcessing:
                 raise ValueError(f"{name}: {v!r}; must be an integer >= {lo}")
         if not 0 <= self.subseed_strength <= 1:
             raise ValueError(f"subseed_strength: {self.subseed_strength}; must be in [0, 1]")
+        if self.opts.vae_tiling is not None and not isinstance(self.opts.vae_tiling, bool):
+            raise ValueError(f"opts.vae_tiling: {self.opts.vae_tiling!r}; allowed: True, False or None (automatic)")
         if self.opts.randn_source not in ("CPU", "GPU", "NV"):
             raise ValueError(f"opts.randn_source: {self.opts.randn_source!r}; allowed: 'CPU', 'GPU', 'NV'")
         if self.refiner_checkpoint is not None:
@@ -476,7 +482,8 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             text=self.text_options(job), image_cfg_scale=job.image_cfg_scale,
             background_color=self.opts.img2img_background_color, color_correction=self.opts.img2img_color_correction,
             vae_sample=self.opts.vae_encode_sample, fill_seeds=job.seeds[:job.batch_size], refiner=job.refiner,
-            callback=callback, model_callback=model_callback, disable_progress=disable_progress)
+            callback=callback, model_callback=model_callback, disable_progress=disable_progress,
+            vae_tiling=self.opts.vae_tiling)
         params = self.init_params(result.plan)
         if result.nmask is not None:
             params.update(blend.infotext())
@@ -606,7 +613,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             cfg_scale=self.cfg_scale, seeds=batch_seeds, width=self.width, height=self.height, options=options,
             text=text, vae_sample=self.opts.vae_encode_sample, inpainting_mask_weight=self.opts.inpainting_mask_weight,
             refiner=job.refiner, decode_images=not self.enable_hr, callback=callback,
-            model_callback=model_callback, disable_progress=disable_progress)
+            model_callback=model_callback, disable_progress=disable_progress, vae_tiling=self.opts.vae_tiling)
         params = {**self.init_params(), **(network_params or {}), **self.prompt_params(prompts, negative_prompts),
                   **sampler_params,
                   **self.refiner_params(job.refiner, first.plan.passes[0])}
@@ -636,7 +643,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             height=height, cond_size=(self.width, self.height), upscaler=self.hr_upscaler or "Latent", options=hr_options, text=text,
             vae_sample=self.opts.vae_encode_sample, inpainting_mask_weight=self.opts.inpainting_mask_weight,
             refiner=refiner, callback=callback, model_callback=model_callback,
-            disable_progress=disable_progress)
+            disable_progress=disable_progress, vae_tiling=self.opts.vae_tiling)
         params.update(self.prompt_params(hr_prompts, hr_negative))
         params.update(hr_params)
         params.update(self.refiner_params(refiner, second.plan.passes[0]))

@@ -14,10 +14,11 @@ VAE, as `pipeline.encode` / `pipeline.decode` run it):
     (ch 128 x ch_mult[1] 2; the tiny model's 64). Live at once there: the upsampled input, the conv output and
     oneDNN's buffer, then in the first ResnetBlock its input, the GroupNorm and SiLU outputs and the conv output.
   - the mid-block self-attention over the `N = H/8 x W/8` latent cells: `models/vae.py` `AttnBlock` hands
-    `scaled_dot_product_attention` q/k/v whose last dimension is not contiguous, so torch takes the math kernel,
-    which materialises the N x N scores and their softmax: `VAE_ATTENTION_FACTOR x N^2 x itemsize` (at 1024 px
-    that is 2.4 GB, at 2048 px 39 GB: the attention, not the convolutions, limits large sizes; with contiguous
-    q/k/v torch's flash kernel needs O(N) and `VAE_ATTENTION_MATERIALISED` becomes False).
+    `scaled_dot_product_attention` contiguous q/k/v, so torch's CPU flash kernel runs in O(N) memory and
+    `VAE_ATTENTION_MATERIALISED` is False. With the strided q/k/v the block passed before, torch materialised the
+    N x N scores and their softmax, `VAE_ATTENTION_FACTOR x N^2 x itemsize` (2.4 GB at 1024 px, 39 GB at 2048 px:
+    measured by scripts/bench_vae_tiling.py at 1024 px, strided against contiguous); the term is kept for a
+    device whose kernel still materialises them.
 - UNet activations on the 2 x batch rows of one CFG call, per latent cell: every skip connection kept for the
   output blocks (their channels, weighted by 1/4 per level down) plus `UNET_WORK_FACTOR` x the widest level's
   channels (ResBlock and transformer intermediates: GEGLU's 8C projection, attention outputs).
@@ -26,6 +27,11 @@ VAE, as `pipeline.encode` / `pipeline.decode` run it):
   copy, overlay and original RGBA copies, masks).
 
 - a fixed part, `FIXED_BYTES`: first-call caches, allocator arenas, oneDNN scratch.
+
+With VAE tiling (`models/vae_tiling.py`, `vae_tiled_bytes`) the VAE term is the tiled VAE's instead: two full
+activations of the largest tiled level (the block input and its first convolution's output, or the input and the
+output of a block that changes the channel count), the untiled latent-resolution stage, and the working set of one
+tile. `vae_tiling_choice` tiles automatically when the untiled estimate does not fit in the memory available.
 
 VAE and UNet run one after the other, so the peak is `fixed + pixels + max(VAE, UNet)`. The factors are measured
 peaks (Linux VmHWM above the resident size just before the call, a fresh process per case) divided by the
@@ -46,10 +52,16 @@ GIB = 1 << 30
 # Measured peak / unit (scripts/bench_cli.py --memory), with a margin; see the module docstring.
 VAE_CONV_FACTOR = 6.0  # measured 3.6 .. 5.0 on ch 32 / 64 / 128 VAEs at 256 .. 768 px (peaks vary run to run)
 VAE_ATTENTION_FACTOR = 3.0  # measured 2.3 .. 2.4 x N^2 x itemsize (scores, softmax and the math kernel's copies)
-VAE_ATTENTION_MATERIALISED = True  # models/vae.py AttnBlock: q/k/v last-dim stride != 1 -> math SDPA kernel
+VAE_ATTENTION_MATERIALISED = False  # models/vae.py AttnBlock passes contiguous q/k/v -> the O(N) flash kernel
 UNET_WORK_FACTOR = 48.0  # measured 29 .. 41 x the widest level's channels at 512 px (tiny, reduced, SD1 UNets)
 PIXEL_BYTES = 96  # per pixel and batch image: every pixel array of a job alive at once would be about 80
 FIXED_BYTES = 256 << 20  # what the factors leave at small sizes: up to ~140 MB (SD1 UNet, 256 px)
+VAE_TILE_SIZE = 256  # pixels per tile edge of the tiled VAE (models/vae_tiling.py's default)
+VAE_TILED_STATE_FACTOR = 1.25  # x the two full activations the tiled VAE keeps (vae_tiled_bytes); margin for the
+# per-tile statistics' copies
+VAE_TILE_FACTOR = 8.0  # x one tile's largest activation: the live copies of a fused upsample + ResnetBlock
+# (the two tiled factors: SD's VAE decoding 1024 / 2048 px in 256 px tiles measured 1.52 / 4.47 GiB above the resident
+# size before the call, estimated 1.77 / 5.52 GiB; scripts/bench_vae_tiling.py)
 
 _ITEMSIZE = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8, "double": 8}
 
@@ -88,6 +100,53 @@ def vae_bytes(family: Family, width: int, height: int, dtype: Any = "float32") -
     return int(max(conv, attention))
 
 
+def _tiled_units(family: Family, width: int, height: int, tile_size: int) -> tuple[int, int, int]:
+    """Elements of (the full activations the tiled VAE keeps at once, its untiled latent-resolution stage's conv
+    unit, one tile's largest activation), per `models/vae_tiling.py`: at every level l but the last (pixels / 2^l,
+    channels c_l = ch x ch_mult[l]), 2 c_l (a ResnetBlock's input and its first conv's output), or c_l plus the
+    channels c_(l-1) of the encoder's level above (a block that changes the channel count: input and output).
+    Tiles: min(tile_size, side) / 2^l + 4 cells a side at level l with the larger of c_l and c_(l+1) (an upsample
+    fused in)."""
+    ch, mult = family.vae.ch, family.vae.ch_mult
+    last = len(mult) - 1
+    state, tile = 0, 0
+    for level in range(last):
+        area = (width >> level) * (height >> level)
+        c, above, below = ch * mult[level], ch * mult[max(level - 1, 0)], ch * mult[level + 1]
+        state = max(state, area * max(2 * c, c + above))
+        edges = [(min(tile_size, side) >> level) + 4 for side in (width, height)]
+        tile = max(tile, max(c, below) * edges[0] * edges[1])
+    return state, ch * mult[last] * _latent_cells(family, width, height), tile
+
+
+def vae_tiled_bytes(family: Family, width: int, height: int, dtype: Any = "float32",
+                    tile_size: int = VAE_TILE_SIZE) -> int:
+    """Peak activation bytes of one image's tiled VAE encode or decode (`models/vae_tiling.py`, global statistics)
+    at `width x height` pixels with `tile_size`-pixel tiles: `VAE_TILED_STATE_FACTOR x` the full activations it keeps
+    (or the untiled latent stage's `VAE_CONV_FACTOR x` unit, whichever is larger) plus `VAE_TILE_FACTOR x` one
+    tile's largest activation (`_tiled_units`). SD's VAE at 2048 px: 2 x 128 channels at full resolution, 4 GiB."""
+    state, latent, tile = _tiled_units(family, width, height, tile_size)
+    size = itemsize(dtype)
+    return int((max(VAE_TILED_STATE_FACTOR * state, VAE_CONV_FACTOR * latent) + VAE_TILE_FACTOR * tile) * size)
+
+
+def vae_tiling_choice(family: Family, width: int, height: int, requested: bool | None = None, *,
+                      vae_dtype: Any = "float32", device: Any = "cpu", available: int | None = None
+                      ) -> tuple[bool, str]:
+    """(tile the VAE?, why) for one image of `width x height` pixels. `requested`: True / False (the caller's
+    choice: `--vae-tiling` / `--no-vae-tiling`, `Options.vae_tiling`) or None = automatic: tile when the untiled
+    VAE's estimate plus `FIXED_BYTES` and the pixel arrays (`vae_bytes`, `pixel_bytes`) exceeds `available`
+    (default `available_bytes(device)`)."""
+    if requested is not None:
+        return bool(requested), "asked for" if requested else "turned off"
+    need = FIXED_BYTES + pixel_bytes(width, height) + vae_bytes(family, width, height, vae_dtype)
+    limit = available_bytes(device) if available is None else available
+    if need > limit:
+        return True, (f"automatic: the untiled VAE needs about {_gib(need)} at {width}x{height}, more than the "
+                      f"{_gib(limit)} available")
+    return False, f"automatic: the untiled VAE needs about {_gib(need)} at {width}x{height}, {_gib(limit)} available"
+
+
 def _unet_per_cell(family: Family) -> float:
     """Channels per latent cell and UNet row: skip connections (1/4 per level down) + the working set."""
     u = family.unet
@@ -109,10 +168,13 @@ def pixel_bytes(width: int, height: int, batch_size: int = 1, image_size: tuple[
 
 
 def estimate_parts(family: Family, width: int, height: int, batch_size: int = 1, dtype: Any = "float32", *,
-                   vae_dtype: Any = "float32", image_size: tuple[int, int] | None = None) -> dict[str, int]:
-    """The terms of `estimate_bytes`, in bytes: "fixed", "pixels", "vae", "unet"."""
-    return {"fixed": FIXED_BYTES, "pixels": pixel_bytes(width, height, batch_size, image_size),
-            "vae": vae_bytes(family, width, height, vae_dtype),
+                   vae_dtype: Any = "float32", image_size: tuple[int, int] | None = None,
+                   vae_tiling: bool = False) -> dict[str, int]:
+    """The terms of `estimate_bytes`, in bytes: "fixed", "pixels", "vae" (the tiled VAE's with `vae_tiling`),
+    "unet"."""
+    vae = vae_tiled_bytes(family, width, height, vae_dtype) if vae_tiling else vae_bytes(family, width, height,
+                                                                                         vae_dtype)
+    return {"fixed": FIXED_BYTES, "pixels": pixel_bytes(width, height, batch_size, image_size), "vae": vae,
             "unet": unet_bytes(family, width, height, batch_size, dtype)}
 
 
@@ -225,15 +287,20 @@ def _gib(n: float) -> str:
 
 def check_fits(family: Family, width: int, height: int, batch_size: int = 1, dtype: Any = "float32", *,
                vae_dtype: Any = "float32", image_size: tuple[int, int] | None = None, device: Any = "cpu",
-               available: int | None = None) -> int:
+               available: int | None = None, vae_tiling: bool | None = None) -> int:
     """The estimate (`estimate_bytes`) if it fits in `available` (default `available_bytes(device)`), else
-    ValueError naming width/height, the estimate and the limit. Nothing is allocated."""
-    parts = estimate_parts(family, width, height, batch_size, dtype, vae_dtype=vae_dtype, image_size=image_size)
-    need = parts["fixed"] + parts["pixels"] + max(parts["vae"], parts["unet"])
+    ValueError naming width/height, the estimate and the limit. Nothing is allocated. The VAE term is the tiled
+    VAE's when `vae_tiling_choice(..., vae_tiling)` tiles (True; None = automatic, when the untiled VAE does not
+    fit)."""
     limit = available_bytes(device) if available is None else available
+    tiled, _ = vae_tiling_choice(family, width, height, vae_tiling, vae_dtype=vae_dtype, available=limit)
+    parts = estimate_parts(family, width, height, batch_size, dtype, vae_dtype=vae_dtype, image_size=image_size,
+                           vae_tiling=tiled)
+    need = parts["fixed"] + parts["pixels"] + max(parts["vae"], parts["unet"])
     if need > limit:
         image = f", init image {image_size[0]}x{image_size[1]}" if image_size else ""
-        terms = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if k != "fixed")
+        terms = ", ".join(f"{k}{' (tiled)' if k == 'vae' and tiled else ''} {_gib(v)}" for k, v in parts.items()
+                          if k != "fixed")
         raise ValueError(f"width/height {width}x{height} (batch size {batch_size}{image}, {family.name}): needs about "
                          f"{_gib(need)} ({terms}; sdcore.resources.estimate_bytes), more than the {_gib(limit)} "
                          f"available on {getattr(device, 'type', device)}; use a smaller size or batch")
@@ -254,4 +321,5 @@ def check_processing(p, available: int | None = None, image_size: tuple[int, int
     for width, height in sizes:
         check_fits(model.family, width, height, p.batch_size, getattr(model, "dtype", "float32"),
                    vae_dtype=getattr(model, "vae_dtype", "float32"), image_size=image_size,
-                   device=getattr(model, "device", "cpu"), available=available)
+                   device=getattr(model, "device", "cpu"), available=available,
+                   vae_tiling=getattr(getattr(p, "opts", None), "vae_tiling", None))

@@ -13,7 +13,7 @@ cells); batches are `[B, C, H, W]`; noise is float32 N(0, 1).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 
 import numpy as np
@@ -256,11 +256,17 @@ class ImageRNG:
     - when `noise_shape != shape`: g_i draws a full `shape` tensor and `centre_paste` puts `noise` into its centre.
     Then, if `eta_noise_seed_delta != 0`, every g_i is replaced by a generator seeded `seeds[i] + ENSD`.
     Later `next()` calls: each g_i draws a fresh `shape` tensor (the sampler's per-step noise).
+
+    `on_draw(name, noise)`, when given, is told the draws of the first `next()` (for noise fingerprints,
+    `sdcore.sampling.samplers.TraceRecorder`), each stacked over the batch: with variations or a seed resize the
+    separate generator draws "seed_noise" (the seed's draw of `noise_shape`), "subseed_noise" and
+    "seed_resize_base" (the full-shape draw the resized noise is pasted into); always "initial_noise" (the result).
     """
 
     def __init__(self, shape: Sequence[int], seeds: Sequence[int], subseeds: Sequence[int] | None = None,
                  subseed_strength: float = 0.0, seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
-                 source: str = "CPU", device: torch.device | str | None = None, eta_noise_seed_delta: int = 0):
+                 source: str = "CPU", device: torch.device | str | None = None, eta_noise_seed_delta: int = 0,
+                 on_draw: Callable[[str, torch.Tensor], None] | None = None):
         shape = tuple(shape)
         if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 1 for s in shape):
             raise ValueError(f"shape must be (C, H, W) with positive ints (latent cells), got {shape!r}")
@@ -288,6 +294,7 @@ class ImageRNG:
         self.device = _resolve_device(device)
         self.eta_noise_seed_delta = int(eta_noise_seed_delta)
         self.generators = [_SeededSource(seed, source, self.device) for seed in self.seeds]
+        self.on_draw = on_draw
         self.is_first = True
 
     def _fresh(self, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -302,21 +309,33 @@ class ImageRNG:
         resized = noise_shape != self.shape
         use_subseed = self.subseeds is not None and self.subseed_strength != 0
         xs = []
+        parts: dict[str, list[torch.Tensor]] = {"seed_noise": [], "subseed_noise": [], "seed_resize_base": []}
         for i, (seed, generator) in enumerate(zip(self.seeds, self.generators)):
             subnoise = None
             if use_subseed:
                 subseed = self.subseeds[i] if i < len(self.subseeds) else 0
                 subnoise = self._fresh(subseed, noise_shape)
+                parts["subseed_noise"].append(subnoise)
             noise = self._fresh(seed, noise_shape) if resized else generator.draw(self.shape)
+            if subnoise is not None or resized:
+                parts["seed_noise"].append(noise)
             if subnoise is not None:
                 noise = slerp(self.subseed_strength, noise, subnoise)
             if resized:
-                noise = centre_paste(noise, generator.draw(self.shape))
+                base = generator.draw(self.shape)
+                parts["seed_resize_base"].append(base)
+                noise = centre_paste(noise, base)
             xs.append(noise)
         if self.eta_noise_seed_delta:
             self.generators = [_SeededSource(seed + self.eta_noise_seed_delta, self.source, self.device)
                                for seed in self.seeds]
-        return torch.stack(xs)
+        noise = torch.stack(xs)
+        if self.on_draw is not None:
+            for name, draws in parts.items():
+                if draws:
+                    self.on_draw(name, torch.stack(draws))
+            self.on_draw("initial_noise", noise)
+        return noise
 
     def next(self) -> torch.Tensor:
         """The initial noise on the first call, then each image generator's next `(C, H, W)` draw, stacked."""

@@ -662,12 +662,14 @@ def create_app(model: StableDiffusionModel, *, outdir: Path | str | None = None,
 
 def serve(ckpt: Path | str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "cpu",
           dtype: str | torch.dtype = "float32", *, vae: Path | None = None, prediction: str | None = None,
-          outdir: Path | None = None, ignore_unknown_fields: bool = False) -> None:
-    """Load `ckpt` once and serve it with uvicorn until interrupted (the `sdcore serve` command)."""
+          outdir: Path | None = None, ignore_unknown_fields: bool = False,
+          vae_dtype: str | torch.dtype = "float32") -> None:
+    """Load `ckpt` once and serve it with uvicorn until interrupted (the `sdcore serve` command). `dtype`: the UNet
+    and text encoders' compute dtype, `vae_dtype` the VAE's (torch dtypes or their names)."""
     if SERVE_IMPORT_ERROR is not None:
         raise ImportError(EXTRA_HINT) from SERVE_IMPORT_ERROR
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = load_checkpoint(ckpt, device=device, dtype=dtype, vae=vae, prediction=prediction)
+    dtype, vae_dtype = (getattr(torch, d) if isinstance(d, str) else d for d in (dtype, vae_dtype))
+    model = load_checkpoint(ckpt, device=device, dtype=dtype, vae_dtype=vae_dtype, vae=vae, prediction=prediction)
     app = create_app(model, outdir=outdir, ignore_unknown_fields=ignore_unknown_fields)
     uvicorn.run(app, host=host, port=port)
 
@@ -689,7 +691,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sdcore: error: --outdir: {args.outdir} exists and is not a folder", file=sys.stderr)
         return 2
     serve(args.ckpt, args.host, args.port, args.device, args.dtype, vae=args.vae, prediction=args.prediction,
-          outdir=args.outdir, ignore_unknown_fields=args.ignore_unknown_fields)
+          outdir=args.outdir, ignore_unknown_fields=args.ignore_unknown_fields, vae_dtype=args.vae_dtype)
     return 0
 
 

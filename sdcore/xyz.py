@@ -881,7 +881,7 @@ def run(args: argparse.Namespace) -> int:
     task = Task(args.init, values.get("mask"))
     inputs = _open_inputs(task, values)  # decodes the init image, mask and latent mask (UsageError naming them)
 
-    sd = commands._load_model(args.ckpt, args.device, args.dtype, args.vae, args.prediction)
+    sd = commands._load_model(args.ckpt, args.device, args.dtype, args.vae, args.prediction, args.vae_dtype)
     threads = commands.threads_for(args, Run(command, values, [], [], False), sd.family)
     if threads:
         torch.set_num_threads(threads)

@@ -86,6 +86,26 @@ def test_img2img_writes_numbered_pngs_and_never_overwrites(capsys, files, sd1_ti
     assert info.startswith("a cat\nSteps: 3, Sampler: Euler a, ") and "Seed: 42" in info
 
 
+@pytest.mark.parametrize("flag, alias, name", [("--dtype", "bf16", "bfloat16"), ("--dtype", "FP16", "float16"),
+                                               ("--vae-dtype", "bf16", "bfloat16"), ("--vae-dtype", "fp32", "float32")])
+def test_dtype_aliases(flag, alias, name):
+    args = build_parser().parse_args(["img2img", "x.png", flag, alias])
+    assert getattr(args, flag[2:].replace("-", "_")) == name
+
+
+def test_dtype_flags_reach_the_model_and_bad_names_exit_2(capsys, files, sd1_tiny_path, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(commands, "_load_model", lambda *a: loads.append(a) or _cached_load(*a[:5]))
+    code, _, err = run(capsys, "img2img", files / "init.png", "--ckpt", sd1_tiny_path, "--steps", "1", *SMALL,
+                       "--outdir", tmp_path, "--dtype", "bf16", "--vae-dtype", "bf16")
+    assert code == 0, err
+    assert loads[0][2] == "bfloat16" and loads[0][5] == "bfloat16"
+    sd = _cached_load.__wrapped__(sd1_tiny_path, "cpu", "bfloat16", None, None, "bfloat16")
+    assert sd.dtype == sd.vae_dtype == torch.bfloat16 and sd.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    code, _, err = run(capsys, "img2img", files / "init.png", "--vae-dtype", "fp8")
+    assert code == 2 and "--vae-dtype" in err and "bfloat16" in err and "Traceback" not in err
+
+
 def test_inpaint_alias_with_mask(capsys, files, inpaint_tiny_path, tmp_path):
     code, out, err = run(capsys, "inpaint", files / "init.png", "--mask", files / "mask.png", "--ckpt",
                          inpaint_tiny_path, "--steps", "2", "--seed", "1", *SMALL, "--outdir", tmp_path)
@@ -139,6 +159,7 @@ def test_every_flag_sets_its_field(sd1_tiny, files):
         "opts.use_old_karras_scheduler_sigmas": True, "opts.save_to_dirs": False, "opts.vae_encode_sample": False,
         "mask_blend": "differential", "opts.beta_dist_alpha": 0.5, "opts.beta_dist_beta": 0.7,
         "opts.lora_dir": str(files), "opts.embeddings_dir": str(files), "disable_extra_networks": True,
+        "opts.vae_tiling": True,
     }
     argv = ["img2img", str(files / "init.png")]
     for flag in processing_flags():

@@ -451,10 +451,11 @@ def cli_models(tiny, monkeypatch):
     loaded = {str(tiny(name)[0]): tiny(name)[1] for name in FAMILIES}
     real = commands._load_model
 
-    def load(path, device, dtype, vae=None, prediction=None):
-        if str(path) in loaded and (device, dtype, vae, prediction) == ("cpu", "float32", None, None):
+    def load(path, device, dtype, vae=None, prediction=None, vae_dtype="float32"):
+        if str(path) in loaded and (device, dtype, vae, prediction, vae_dtype) == ("cpu", "float32", None, None,
+                                                                                   "float32"):
             return loaded[str(path)]
-        return real(path, device, dtype, vae, prediction)
+        return real(path, device, dtype, vae, prediction, vae_dtype)
 
     monkeypatch.setattr(commands, "_load_model", load)
     return loaded

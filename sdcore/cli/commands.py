@@ -65,7 +65,7 @@ def check_memory(args, run: Run, family: Family) -> None:
     """Refuse, before the weights load, a run whose estimated peak memory (`sdcore.resources`) exceeds what the
     device has available: UsageError naming --width/--height with the estimate and the limit. --explain is refused
     the same way (it plans a run that cannot happen), and allocates nothing for it. `family`: `_header_family`'s."""
-    header = _HeaderModel(family, args.device, args.dtype)
+    header = _HeaderModel(family, args.device, args.dtype, args.vae_dtype)
     available = resources.available_bytes(args.device)
     for task in run.todo:
         p = make_processing(header, run.values, run.command)
@@ -101,8 +101,10 @@ def threads_for(args, run: Run, family: Family) -> int:
     return 1 if work <= SMALL_JOB else 0
 
 
-def _load_model(path: Path, device: str, dtype: str, vae: Path | None = None, prediction: str | None = None):
-    return load_checkpoint(path, device=device, dtype=getattr(torch, dtype), vae=vae, prediction=prediction)
+def _load_model(path: Path, device: str, dtype: str, vae: Path | None = None, prediction: str | None = None,
+                vae_dtype: str = "float32"):
+    return load_checkpoint(path, device=device, dtype=getattr(torch, dtype), vae_dtype=getattr(torch, vae_dtype),
+                           vae=vae, prediction=prediction)
 
 
 def run_generate(args, run: Run | None = None) -> int:
@@ -120,7 +122,7 @@ def run_generate(args, run: Run | None = None) -> int:
     values, command = run.values, run.command
     # before the model: a bad --taesd file stops the run at once
     taesd = load_taesd_decoder(args.taesd, args.device) if getattr(args, "taesd", None) is not None else None
-    sd = _load_model(args.ckpt, args.device, args.dtype, args.vae, args.prediction)
+    sd = _load_model(args.ckpt, args.device, args.dtype, args.vae, args.prediction, args.vae_dtype)
     outdir = None if run.batch else (args.outdir or DEFAULT_OUTDIRS[args.command])
     # Everything that can be checked is checked for every task before the first file is written.
     for task in run.todo:

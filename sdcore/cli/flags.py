@@ -371,6 +371,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("opts.save_to_dirs", bool, "save into a YYYY-MM-DD subfolder of --outdir"),
     Flag("opts.vae_encode_sample", bool, "encode by sampling the VAE posterior (seeded per image) rather than "
          "taking its mean"),
+    Flag("opts.vae_tiling", bool, "run the VAE in tiles with whole-image GroupNorm statistics (the untiled result "
+         "up to float rounding, in a fraction of the memory); --no-vae-tiling never; default: automatic, when the "
+         "untiled VAE would not fit in the memory available (--explain says which)"),
 )
 
 # Fields with no flag of their own, and why. tests/test_cli.py checks that every field is either flagged or here.
@@ -429,7 +432,7 @@ OPTIONS_DEFAULTS = {
     "CLIP_stop_at_last_layers": 1, "emphasis": "Original", "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
     "use_old_scheduling": False, "always_discard_next_to_last_sigma": False, "use_old_karras_scheduler_sigmas": False,
     "save_to_dirs": True, "vae_encode_sample": True, "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6,
-    "lora_dir": None, "embeddings_dir": None,
+    "lora_dir": None, "embeddings_dir": None, "vae_tiling": None,
 }
 _COMMON_DEFAULTS = {  # StableDiffusionProcessing; "opts" defaults to Options() (OPTIONS_DEFAULTS)
     "sd_model": None, "outpath_samples": None, "outpath_grids": None, "prompt": "", "prompt_for_display": None,
@@ -559,8 +562,21 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type (SD2-768 "
                     "models are v; default: NAME.yaml beside the checkpoint, else A1111's probe)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                    help="UNet and text-encoder dtype (the VAE runs in float32)")
+    ap.add_argument("--dtype", default="float32", type=dtype_name, choices=DTYPE_NAMES,
+                    help="UNet and text-encoder compute dtype (bf16, fp16, fp32 are aliases); the VAE's is "
+                    "--vae-dtype")
+    ap.add_argument("--vae-dtype", default="float32", type=dtype_name, choices=DTYPE_NAMES,
+                    help="VAE dtype (default float32: SD1/SDXL VAEs overflow to NaN in float16)")
+
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # torch dtype names: flags must not import torch
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def dtype_name(text: str) -> str:
+    """A dtype flag's value as a torch dtype name: the aliases bf16/fp16/half/fp32 mapped, anything else kept for
+    argparse's `choices` check (which names the flag and the allowed values)."""
+    return DTYPE_ALIASES.get(text.lower(), text)
 
 
 PREVIEW_METHODS = ("approx_cheap", "taesd", "full")  # = sdcore.previews.METHODS (not imported here: torch)
@@ -714,8 +730,8 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     sp.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     sp.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps (with --engine ray and "
                     "--gpus-per-worker, cuda is each actor's own GPU)")
-    sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                    help="UNet and text-encoder dtype (the VAE runs in float32)")
+    sp.add_argument("--dtype", default="float32", type=dtype_name, choices=DTYPE_NAMES,
+                    help="UNet and text-encoder dtype (bf16, fp16, fp32 are aliases; the VAE runs in float32)")
     sp.add_argument("--from-infotext", type=Path, metavar="FILE", help="defaults for every row from a PNG's "
                     "A1111 'parameters' text (or a .txt file); flags and cells win")
     sp.add_argument("--results", default=RESULTS_NAME, metavar="NAME", help=f"results table file name in "

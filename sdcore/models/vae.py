@@ -73,8 +73,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         x_norm = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H*W, C): one head of width C
-        q, k, v = (t(x_norm).flatten(2).transpose(1, 2)[:, None] for t in (self.q, self.k, self.v))
+        # (B, C, H, W) -> (B, 1, H*W, C): one head of width C. Contiguous, so that torch's CPU flash kernel runs in
+        # O(H*W) memory; strided q/k/v make it materialise the (H*W)^2 scores (sdcore.resources)
+        q, k, v = (t(x_norm).flatten(2).transpose(1, 2)[:, None].contiguous() for t in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)

@@ -29,6 +29,8 @@ to 1e-6 in float64); Restart and LCM follow A1111 `modules/sd_samplers_extra.py`
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -923,19 +925,62 @@ def find_sampler(name: str) -> tuple[SamplerInfo, str | None]:
 
 # -- traces ------------------------------------------------------------------------------------------------------------
 
-class TraceRecorder:
-    """A sampler callback that records every call, for comparing two implementations (scripts/compare_traces.py).
+def noise_bytes(noise: torch.Tensor) -> bytes:
+    """The bytes a noise fingerprint hashes: `noise` as float32 (IEEE-754 binary32; a float16/bfloat16 draw is
+    widened exactly, a float64 one rounded to nearest), copied to the CPU, C-contiguous (row-major over its shape,
+    e.g. [B, C, h, w]), each value little-endian; 4 bytes per element, no header, shape not included.
+    Equal to `numpy.ascontiguousarray(a, dtype="<f4").tobytes()` of the same values."""
+    array = noise.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    return array.astype("<f4", copy=False).tobytes()
 
-    Trace format (.safetensors, one file per run): for the n-th callback call (n = 0, 1, ...), tensors
+
+def noise_fingerprint(noise: torch.Tensor, name: str, *, index: int, call: int, step: int = -1,
+                      sigma: float | None = None, sigma_next: float | None = None) -> dict:
+    """The record of one noise draw: sha256 hex digest of `noise_bytes(noise)` ("sha256"), one digest per image
+    along dim 0 ("sha256_images", so image i can be matched to the same seed run alone), and what it was: `name`
+    (`TraceRecorder` lists the names), `index` (its place among the run's draws, 0-based), `call` (model calls
+    made before it), `step` (the sampler step i whose sigma_sched[i] is the draw's sigma, -1 for draws outside
+    the sampler loop or off the schedule), `sigma` / `sigma_next` (the interval passed to the noise sampler, None
+    outside the loop), `shape`, `dtype` and `device` of the draw as made."""
+    images = [hashlib.sha256(noise_bytes(n)).hexdigest() for n in noise] if noise.dim() > 0 else []
+    return {"index": index, "name": name, "step": step, "call": call, "sigma": sigma, "sigma_next": sigma_next,
+            "shape": list(noise.shape), "dtype": str(noise.dtype).removeprefix("torch."), "device": str(noise.device),
+            "sha256": hashlib.sha256(noise_bytes(noise)).hexdigest(), "sha256_images": images}
+
+
+class TraceRecorder:
+    """A sampler callback or (with `pipeline`'s `model_callback`) model callback that records every call and
+    fingerprints every noise draw, for comparing two implementations (scripts/compare_traces.py).
+
+    Trace format (.safetensors, one file per run): for the n-th call (n = 0, 1, ...), tensors
     `step{n}.x` (x before the update), `step{n}.denoised`, `step{n}.sigma`, `step{n}.sigma_hat` (0-dim) and
-    `step{n}.i` (the sampler's own step index, int64); metadata "steps" = number of calls, plus user metadata.
-    Tensors are stored as recorded (dtype kept), on the CPU.
+    `step{n}.i` (int64: the sampler's step index as a sampler callback, the model call's index as a model
+    callback); metadata "steps" = number of calls, "noise" = a JSON list of
+    `noise_fingerprint` records (one per draw, in draw order), plus user metadata. Tensors are stored as recorded
+    (dtype kept), on the CPU.
+
+    Noise fingerprints: `pipeline` reports each draw as a dict with a "noise" key ({"noise", "name", "step",
+    "sigma", "sigma_next"}); only its sha256 and description are kept, never the tensor. Names: "initial_noise"
+    (the first draw of the image RNG, before `initial_noise_multiplier`), with variations or seed resize also
+    "seed_noise", "subseed_noise", "seed_resize_base" (the separate generator draws it is made of, `rng.ImageRNG`);
+    "step_noise" (a sampler's per-step draw from the image RNG: ancestral, churn, LCM, Restart, DDIM eta),
+    "brownian_noise" (a `BrownianTreeNoiseSampler` draw: the SDE samplers), "vae_sample" (the VAE posterior
+    sample's N(0, 1) eps per image, `rng.vae_sample_noise`), "vae_sample_conditioning" (the same for the
+    9-channel models' masked-image latent), "latent_noise_fill" (inpainting fill 2). Hashed bytes: `noise_bytes`
+    (float32, little-endian, C order, on the CPU), so two implementations compare without sharing tensors.
     """
 
     def __init__(self):
         self.records: list[dict[str, torch.Tensor]] = []
+        self.noise: list[dict] = []
 
     def __call__(self, d: dict) -> None:
+        if "noise" in d:
+            as_float = lambda v: None if v is None else float(v)  # noqa: E731
+            self.noise.append(noise_fingerprint(
+                d["noise"], str(d["name"]), index=len(self.noise), call=len(self.records), step=int(d.get("step", -1)),
+                sigma=as_float(d.get("sigma")), sigma_next=as_float(d.get("sigma_next"))))
+            return
         as_tensor = lambda v: torch.as_tensor(v).detach().to("cpu").clone().contiguous()  # noqa: E731
         record = {key: as_tensor(d[key]) for key in ("x", "denoised", "sigma", "sigma_hat") if key in d}
         record["i"] = torch.as_tensor(int(d["i"]), dtype=torch.int64)
@@ -945,7 +990,25 @@ class TraceRecorder:
         return {f"step{n}.{key}": value for n, record in enumerate(self.records) for key, value in record.items()}
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-        save_file(self.tensors(), str(path), metadata={"steps": str(len(self.records)), **(metadata or {})})
+        meta = {"steps": str(len(self.records)), "noise": json.dumps(self.noise), **(metadata or {})}
+        save_file(self.tensors(), str(path), metadata=meta)
+
+
+def load_noise_fingerprints(path: str | Path) -> list[dict]:
+    """The noise fingerprints of a `TraceRecorder` file (its "noise" metadata), in draw order; [] for a trace
+    written before fingerprints existed. Raises ValueError when the metadata is not a JSON list of records."""
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get("noise")
+    if text is None:
+        return []
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata 'noise' is not JSON ({e})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "sha256" in r for r in records):
+        raise ValueError(f"{path}: metadata 'noise' must be a JSON list of records with a 'sha256', got "
+                         f"{text[:80]!r}")
+    return records
 
 
 def load_trace(path: str | Path) -> list[dict[str, torch.Tensor]]:

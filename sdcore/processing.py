@@ -744,7 +744,8 @@ def process_images(p: StableDiffusionProcessing, callback=None, disable_progress
 
     Images are saved (never overwriting) when `p.outpath_samples` is set and `do_not_save_samples` is False.
     `callback` receives k-diffusion's per-step dict; `model_callback` receives one dict per model (CFG denoiser)
-    call, e.g. a `sdcore.sampling.samplers.TraceRecorder`.
+    call and one per noise draw (those have a "noise" key: `pipeline.noise_reporter`), e.g. a
+    `sdcore.sampling.samplers.TraceRecorder`.
     """
     p.validate()
     job = resolve_job(p)

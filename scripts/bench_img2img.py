@@ -214,7 +214,7 @@ def clip_tokenizer(workdir: Path):
     import importlib.util
 
     import transformers
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from open_clip.tokenizer import bytes_to_unicode
     d = workdir / "clip-tokenizer"
     if not (d / "vocab.json").exists():
         d.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def clip_tokenizer(workdir: Path):
         vocab += ["<|startoftext|>", "<|endoftext|>"]
         (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
         (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    return transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
 
 
 def _cast_inputs(module, dtype):

@@ -32,7 +32,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -188,20 +187,21 @@ def run_timed(fn, clock: PhaseClock) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- sdcore side
 
-def sdcore_side(path: Path, dtype: torch.dtype, inpaint: bool, photo, mask, steps: int, vae_tiling: bool = False):
-    """Load `path` with sdcore, then a function running the case through `process_images` and its clock."""
+def sdcore_side(path: Path, dtype: torch.dtype, inpaint: bool, photo, mask, steps: int,
+                vae_tiling: bool | None = None):
+    """Load `path` with sdcore, then a function running the case through `process_images` and its clock;
+    `vae_tiling`: `Options.vae_tiling` (None = automatic)."""
     from sdcore.checkpoint import load_checkpoint
     sd = load_checkpoint(path, dtype=dtype)
     clock = PhaseClock(sd.unet, sd.vae.encoder, sd.vae.decoder, sd.text_encoders)
     size = photo.size[0]
     kw = dict(mask=mask, inpainting_fill=1, inpaint_full_res=False) if inpaint else {}
-    if vae_tiling:
-        kw["vae_tiling"] = True
 
     def run():
         p = sdcore.StableDiffusionProcessingImg2Img(
             sd_model=sd, prompt=PROMPT, negative_prompt="", init_images=[photo], sampler_name="Euler",
-            steps=steps, denoising_strength=0.75, cfg_scale=7.0, seed=1, width=size, height=size, **kw)
+            steps=steps, denoising_strength=0.75, cfg_scale=7.0, seed=1, width=size, height=size,
+            opts=sdcore.Options(vae_tiling=vae_tiling), **kw)
         return np.asarray(sdcore.process_images(p, disable_progress=True).images[0])
     return sd, run, clock
 
@@ -220,7 +220,8 @@ def clip_tokenizer(workdir: Path):
         d.mkdir(parents=True, exist_ok=True)
         bpe = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / \
             "bpe_simple_vocab_16e6.txt.gz"
-        merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        with gzip.open(bpe) as f:
+            merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -288,13 +289,13 @@ def diffusers_side(path: Path, dtype: torch.dtype, inpaint: bool, photo, mask, s
 
 # ---------------------------------------------------------------------------------------------------- cases
 
-def measure(side: str, path: Path, dtype, inpaint, photo, mask, steps, workdir) -> dict:
+def measure(side: str, path: Path, dtype, inpaint, photo, mask, steps, workdir, vae_tiling=None) -> dict:
     gc.collect()
     evict(path)
     rss0 = _status_mib("VmRSS")
     t0 = time.perf_counter()
     if side == "sdcore":
-        model, run, clock = sdcore_side(path, dtype, inpaint, photo, mask, steps)
+        model, run, clock = sdcore_side(path, dtype, inpaint, photo, mask, steps, vae_tiling)
     else:
         model, run, clock = diffusers_side(path, dtype, inpaint, photo, mask, steps, workdir)
     load = time.perf_counter() - t0
@@ -380,7 +381,7 @@ def sdxl_case(workdir: Path, args) -> dict:
     """1024x1024 SDXL img2img at bf16 with VAE tiling: time per model call and peak RSS (sdcore only)."""
     path = make_file(workdir, "sdxl")
     photo = Image.fromarray(data.astronaut()).resize((1024, 1024), Image.LANCZOS)
-    res = measure("sdcore", path, torch.bfloat16, False, photo, None, args.sdxl_steps, workdir)
+    res = measure("sdcore", path, torch.bfloat16, False, photo, None, args.sdxl_steps, workdir, vae_tiling=True)
     res.pop("image")
     res["per_call"] = res["unet"] / max(res["calls"], 1)
     print(f"\nSDXL 1024x1024 bf16, VAE tiling, {args.sdxl_steps} steps x 0.75: {res['calls']} UNet calls, "

@@ -347,12 +347,11 @@ def train(cfg: LoraTrainConfig, workdir: Path, out: Path, ckpt: Path = CKPT, dev
         n_s = round(cfg.batch * cfg.star_fraction)
         idx = torch.cat([torch.randint(0, n_star, (n_s,), generator=gen),
                          torch.randint(n_star, n_all, (cfg.batch - n_s,), generator=gen)])
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        ids = caption_ids[idx].clone()
-        ids[torch.rand(cfg.batch, generator=gen) < cfg.uncond_p] = 0
+        x0 = train_tiny.posterior_latents(mean, std, idx, scale, gen)
+        ids = train_tiny.drop_captions(caption_ids, idx, cfg.uncond_p, gen)
         t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        xt = sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * eps
+        xt = train_tiny.q_sample(x0, t, eps, sqrt_a, sqrt_1ma)
         context = frozen_hidden[ids] if frozen_hidden is not None else te(tokens[ids].to(sd.device)).hidden
         pred = unet(xt.to(sd.device), t.float().to(sd.device), context=context).float().cpu()
         per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))

@@ -89,6 +89,28 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def posterior_latents(mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, scale: float,
+                      gen: torch.Generator) -> torch.Tensor:
+    """Scaled latents of dataset items `idx`: scale * (mean + std * eps), eps ~ N(0, 1) drawn from `gen` (LDM
+    `DiagonalGaussianDistribution.sample` then `get_first_stage_encoding`). mean, std: [N, C, h, w]."""
+    return (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+
+
+def drop_captions(caption_ids: torch.Tensor, idx: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Caption indices of items `idx`, each replaced by 0 (the empty caption) with probability `p`, one draw per
+    item from `gen` (classifier-free guidance training: Ho & Salimans 2022)."""
+    ids = caption_ids[idx].clone()
+    ids[torch.rand(len(idx), generator=gen) < p] = 0
+    return ids
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sqrt_a: torch.Tensor,
+             sqrt_1ma: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(alphas_cumprod[t]) x0 + sqrt(1 - alphas_cumprod[t]) eps (DDPM forward process, Ho et al. 2020
+    eq. 4). x0, eps: [B, C, h, w]; t: [B] int64 in [0, 1000); sqrt_a, sqrt_1ma: [1000]."""
+    return sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * eps
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -288,12 +310,11 @@ def train_unet(args) -> None:
     def loss_fn(step):
         gen = step_generator(args.seed, 3, step)
         idx = torch.randint(0, n, (args.unet_batch,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        ids = caption_ids[idx].clone()
-        ids[torch.rand(args.unet_batch, generator=gen) < args.uncond_p] = 0
+        x0 = posterior_latents(mean, std, idx, scale, gen)
+        ids = drop_captions(caption_ids, idx, args.uncond_p, gen)
         t = torch.randint(0, 1000, (args.unet_batch,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        xt = sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * eps
+        xt = q_sample(x0, t, eps, sqrt_a, sqrt_1ma)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.unet_bf16):
             pred = unet(xt, t.float(), hidden[ids])
         per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
@@ -456,16 +477,15 @@ def train_joint(args) -> None:
         if large is not None:  # extra draws only then, so --large-p 0 keeps the random stream of earlier runs
             pick = torch.rand(args.unet_batch, generator=gen) < args.large_p
             idx = torch.where(pick, large[torch.randint(0, len(large), (args.unet_batch,), generator=gen)], idx)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        ids = caption_ids[idx].clone()
-        ids[torch.rand(args.unet_batch, generator=gen) < args.uncond_p] = 0
+        x0 = posterior_latents(mean, std, idx, scale, gen)
+        ids = drop_captions(caption_ids, idx, args.uncond_p, gen)
         emphasised = torch.rand(args.unet_batch, generator=gen) < args.emphasis_p
         t = torch.randint(0, 1000, (args.unet_batch,), generator=gen)
         if args.high_t_p > 0:  # extra draws only then (as --large-p): the layout forms at high noise levels
             high = torch.rand(args.unet_batch, generator=gen) < args.high_t_p
             t = torch.where(high, torch.randint(400, 1000, (args.unet_batch,), generator=gen), t)
         eps = torch.randn(x0.shape, generator=gen)
-        xt = sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * eps
+        xt = q_sample(x0, t, eps, sqrt_a, sqrt_1ma)
         tokens = tokens_all[ids]
         m = colour_multipliers(tokens, torch.where(emphasised, emph[idx], torch.ones(args.unet_batch)))
         context = apply_emphasis(model.te(tokens).hidden, m)

@@ -341,8 +341,7 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
     final_model = model_in_use(model, refiner, record)
     plan = Plan([record], batch_seeds, list(seeds.subseeds), vae_tiling=tiled, vae_tiling_reason=tiled_why)
     return Result(decode(final_model, samples.to(device), tiled=tiled), samples, plan, final_model,
-                  init_latent=init_latent,
-                  image_conditioning=image_cond)
+                  init_latent=init_latent, image_conditioning=image_cond)
 
 
 # -- the arrows ------------------------------------------------------------------------------------------------------

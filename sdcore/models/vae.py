@@ -263,20 +263,28 @@ class AutoencoderKL(nn.Module):
         """Pixels per latent cell along each axis: 2 ** (levels - 1) (8 for SD)."""
         return 2 ** (len(self.config.ch_mult) - 1)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """x: [B, in_channels, H, W] in [-1, 1], H and W divisible by `downscale` -> posterior over
-        [B, embed_dim, H/downscale, W/downscale]. Raises ValueError on a wrong shape."""
+    def check_pixels(self, x: torch.Tensor) -> None:
+        """ValueError unless x is [B, in_channels, H, W] with H and W divisible by `downscale` (what `encode` takes)."""
         f = self.downscale
         if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"x must be [B, {self.config.in_channels}, H, W] with H, W divisible by {f}, "
                              f"got {tuple(x.shape)}")
+
+    def check_latent(self, z: torch.Tensor) -> None:
+        """ValueError unless z is [B, embed_dim, h, w] (what `decode` takes)."""
+        if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
+            raise ValueError(f"z must be [B, {self.config.embed_dim}, h, w], got {tuple(z.shape)}")
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """x: [B, in_channels, H, W] in [-1, 1], H and W divisible by `downscale` -> posterior over
+        [B, embed_dim, H/downscale, W/downscale]. Raises ValueError on a wrong shape."""
+        self.check_pixels(x)
         dtype = self.quant_conv.weight.dtype
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x.to(dtype))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: [B, embed_dim, h, w] unscaled latent (already divided by scale_factor) -> [B, out_ch, h*f, w*f],
         roughly in [-1, 1] (not clipped). Raises ValueError on a wrong shape."""
-        if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
-            raise ValueError(f"z must be [B, {self.config.embed_dim}, h, w], got {tuple(z.shape)}")
+        self.check_latent(z)
         dtype = self.post_quant_conv.weight.dtype
         return self.decoder(self.post_quant_conv(z.to(dtype)))

@@ -287,8 +287,7 @@ def tiled_decode(vae: AutoencoderKL, z: Tensor, *, tile_size: int = VAE_TILE_SIZ
     diffusers' `enable_vae_tiling`). Raises ValueError naming a bad `tile_size`, `stats`, `overlap` or `z`.
     """
     cells = _check(vae, tile_size, stats, overlap)
-    if z.ndim != 4 or z.shape[1] != vae.config.embed_dim:
-        raise ValueError(f"z must be [B, {vae.config.embed_dim}, h, w], got {tuple(z.shape)}")
+    vae.check_latent(z)
     if stats == "tile":
         return _blended(vae.decode, z, cells, overlap // vae.downscale, vae.downscale)
     dec, levels = vae.decoder, len(vae.decoder.up)
@@ -320,10 +319,8 @@ def tiled_encode(vae: AutoencoderKL, x: Tensor, *, tile_size: int = VAE_TILE_SIZ
     argument.
     """
     cells = _check(vae, tile_size, stats, overlap)
+    vae.check_pixels(x)
     f = vae.downscale
-    if x.ndim != 4 or x.shape[1] != vae.config.in_channels or x.shape[2] % f or x.shape[3] % f:
-        raise ValueError(f"x must be [B, {vae.config.in_channels}, H, W] with H, W divisible by {f}, "
-                         f"got {tuple(x.shape)}")
     if stats == "tile":
         moments = _blended(lambda t: vae.quant_conv(vae.encoder(t)), x.to(vae.quant_conv.weight.dtype),
                            cells * f, overlap, 1, out_scale=f)

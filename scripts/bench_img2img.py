@@ -29,6 +29,7 @@ import gzip
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +47,6 @@ from sdcore.cli import DEFAULT_CKPT  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT = "a photograph of an astronaut riding a horse"
-GOALS = {"total": 0.9, "peak_rss": 1.0}
 
 
 def tiny_main(args) -> int:
@@ -188,11 +188,11 @@ def run_timed(fn, clock: PhaseClock) -> dict:
 # ---------------------------------------------------------------------------------------------------- sdcore side
 
 def sdcore_side(path: Path, dtype: torch.dtype, inpaint: bool, photo, mask, steps: int,
-                vae_tiling: bool | None = None):
+                vae_tiling: bool | None = None, channels_last: bool | None = None):
     """Load `path` with sdcore, then a function running the case through `process_images` and its clock;
-    `vae_tiling`: `Options.vae_tiling` (None = automatic)."""
+    `vae_tiling`: `Options.vae_tiling` (None = automatic); `channels_last`: as `load_checkpoint`'s."""
     from sdcore.checkpoint import load_checkpoint
-    sd = load_checkpoint(path, dtype=dtype)
+    sd = load_checkpoint(path, dtype=dtype, channels_last=channels_last)
     clock = PhaseClock(sd.unet, sd.vae.encoder, sd.vae.decoder, sd.text_encoders)
     size = photo.size[0]
     kw = dict(mask=mask, inpainting_fill=1, inpaint_full_res=False) if inpaint else {}
@@ -294,8 +294,9 @@ def measure(side: str, path: Path, dtype, inpaint, photo, mask, steps, workdir, 
     evict(path)
     rss0 = _status_mib("VmRSS")
     t0 = time.perf_counter()
-    if side == "sdcore":
-        model, run, clock = sdcore_side(path, dtype, inpaint, photo, mask, steps, vae_tiling)
+    if side.startswith("sdcore"):
+        model, run, clock = sdcore_side(path, dtype, inpaint, photo, mask, steps, vae_tiling,
+                                        channels_last=False if side == "sdcore-nchw" else None)
     else:
         model, run, clock = diffusers_side(path, dtype, inpaint, photo, mask, steps, workdir)
     load = time.perf_counter() - t0
@@ -314,33 +315,80 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
 
 
-FIELDS = ["load", "text", "encode", "sampling", "decode", "total", "overhead", "calls", "side_peak", "peak_rss"]
+FIELDS = ["load", "text", "encode", "sampling", "decode", "total", "overhead", "calls", "model_rss", "process_peak"]
+GOALS = {"total": 0.9, "process_peak": 1.0}
 
 
 def print_case(name: str, r: dict) -> None:
-    s, d = r["sdcore"], r["diffusers"]
-    print(f"\n{name}")
-    print(f"  {'':10s} {'sdcore':>10s} {'diffusers':>10s} {'ratio':>7s}")
+    s, d, n = r["sdcore"], r["diffusers"], r.get("sdcore-nchw")
+    print(f"\n{name} (median of {s['runs']} runs per side, each in its own process)")
+    print(f"  {'':16s} {'sdcore':>10s} {'diffusers':>10s} {'ratio':>7s}" + ("  sdcore-nchw  ratio" if n else ""))
     for f in FIELDS:
         unit = "MiB" if "rss" in f or "peak" in f else ("" if f == "calls" else "s")
         ratio = s[f] / d[f] if d[f] else float("nan")
-        goal = GOALS.get("peak_rss" if f == "side_peak" else f)
+        goal = GOALS.get(f)
         mark = "" if goal is None else (f"  goal <= {goal}x: " + ("met" if ratio <= goal else "MISSED"))
-        print(f"  {f + (' ' + unit if unit else ''):10s} {s[f]:10.2f} {d[f]:10.2f} {ratio:7.3f}{mark}")
+        extra = f"  {n[f]:10.2f} {n[f] / d[f] if d[f] else float('nan'):6.3f}" if n else ""
+        print(f"  {f + (' ' + unit if unit else ''):16s} {s[f]:10.2f} {d[f]:10.2f} {ratio:7.3f}{extra}{mark}")
     print(f"  overhead share of total: sdcore {s['overhead'] / s['total']:.1%} (goal <= 5 %), "
           f"diffusers {d['overhead'] / d['total']:.1%}; per model call: sdcore {s['unet'] / s['calls']:.2f} s, "
-          f"diffusers {d['unet'] / d['calls']:.2f} s ({s['unet'] / s['calls'] / (d['unet'] / d['calls']):.3f}x)")
+          f"diffusers {d['unet'] / d['calls']:.2f} s ({s['unet'] / s['calls'] / (d['unet'] / d['calls']):.3f}x)"
+          + (f"; sdcore-nchw {n['unet'] / n['calls']:.2f} s; PSNR nchw vs channels-last image "
+             f"{r['psnr_nchw_vs_channels_last']:.1f} dB" if n else ""))
+
+
+def case_inputs():
+    """The 512 px astronaut photo and the inpainting mask (the central 256 px square)."""
+    photo = Image.fromarray(data.astronaut()).resize((512, 512), Image.LANCZOS)
+    mask_np = np.zeros((512, 512), np.uint8)
+    mask_np[128:384, 128:384] = 255
+    return photo, Image.fromarray(mask_np, "L")
+
+
+def child_main(spec: dict) -> int:
+    """One side of one case in this (fresh) process: its figures as JSON on the last stdout line, the image as
+    .npy beside the checkpoint."""
+    photo, mask = case_inputs()
+    path, workdir = Path(spec["path"]), Path(spec["workdir"])
+    res = measure(spec["side"], path, DTYPES[spec["dtype"]], spec["kind"] == "inpaint", photo, mask, spec["steps"],
+                  workdir)
+    np.save(workdir / f"image-{spec['side']}-{spec['kind']}-{spec['dtype']}.npy", res.pop("image"))
+    print(json.dumps(res, default=float))
+    return 0
+
+
+def measure_in_child(side: str, kind: str, dname: str, path: Path, args) -> dict:
+    """`child_main` in a new process; adds its whole-life peak RSS (wait4 ru_maxrss: load and run, imports
+    included) as `process_peak`, so neither side inherits the other's allocator state."""
+    spec = {"side": side, "kind": kind, "dtype": dname, "path": str(path), "workdir": str(args.workdir),
+            "steps": args.steps}
+    proc = subprocess.Popen([sys.executable, __file__, "--threads", str(args.threads), "--child", json.dumps(spec)],
+                            stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.stdout.close()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{side} {kind} {dname}: child failed (exit {os.waitstatus_to_exitcode(status)})")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["process_peak"] = usage.ru_maxrss / 1024
+    res["image"] = np.load(args.workdir / f"image-{side}-{kind}-{dname}.npy")
+    return res
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Per field, the median over repeated runs of one side (the image of the first run)."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "image"}
+    out["image"] = runs[0]["image"]
+    out["runs"] = len(runs)
+    return out
 
 
 def full_main(args) -> int:
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    photo = Image.fromarray(data.astronaut()).resize((512, 512), Image.LANCZOS)
-    mask_np = np.zeros((512, 512), np.uint8)
-    mask_np[128:384, 128:384] = 255
-    mask = Image.fromarray(mask_np, "L")
     files = {"img2img": make_file(workdir, "sd1"), "inpaint": make_file(workdir, "sd1-inpaint")}
-    out: dict = {"threads": torch.get_num_threads(), "steps": args.steps, "loadavg": os.getloadavg(),
+    sides = ["sdcore", "diffusers"] + (["sdcore-nchw"] if args.nchw else [])
+    out: dict = {"threads": args.threads, "steps": args.steps, "loadavg": os.getloadavg(), "repeats": args.repeats,
                  "cpu_flags": cpu_flags(), "cases": {}}
     for kind in args.cases:
         path = files[kind]
@@ -349,13 +397,19 @@ def full_main(args) -> int:
         images = {}
         for dname in args.dtypes:
             name = f"{kind} {dname}"
-            order = ["sdcore", "diffusers"] if len(out["cases"]) % 2 == 0 else ["diffusers", "sdcore"]
-            res = {}
-            for side in order:
-                res[side] = measure(side, path, DTYPES[dname], kind == "inpaint", photo, mask, args.steps, workdir)
-                print(f"  {name} {side}: " + ", ".join(f"{k} {res[side][k]:.2f}" for k in FIELDS), flush=True)
+            runs: dict[str, list] = {side: [] for side in sides}
+            for r in range(args.repeats):
+                order = sides if r % 2 == 0 else sides[::-1]  # alternate, so drifting load hits every side alike
+                for side in order:
+                    runs[side].append(measure_in_child(side, kind, dname, path, args))
+                    print(f"  {name} {side} run {r + 1}: " + ", ".join(f"{k} {runs[side][-1][k]:.2f}"
+                                                                     for k in FIELDS), flush=True)
+            res = {side: median_run(v) for side, v in runs.items()}
             images[dname] = res["sdcore"].pop("image")
-            res["diffusers"].pop("image")
+            for side in sides[1:]:
+                image = res[side].pop("image")
+                if side == "sdcore-nchw":
+                    res["psnr_nchw_vs_channels_last"] = psnr(image, images[dname])
             res["sdcore"]["load_vs_cold_read"] = res["sdcore"]["load"] / out["cold_read_" + kind]
             res["loadavg"] = os.getloadavg()
             out["cases"][name] = res
@@ -421,7 +475,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="tiny mode: the checkpoint")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5, help="tiny mode: timed runs after one warm-up")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="tiny mode: timed runs after one warm-up (default 5); --full: runs per side, each in a new "
+                    "process, alternating the order (default 1)")
+    ap.add_argument("--nchw", action="store_true",
+                    help="--full: also sdcore with channels_last=False (the layout's effect, same run)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--full", action="store_true", help="full-size SD1.5 against diffusers")
     ap.add_argument("--cases", nargs="+", default=["img2img", "inpaint"], choices=["img2img", "inpaint"])
@@ -435,6 +494,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.child:
+        return child_main(json.loads(args.child))
+    if args.repeats is None:
+        args.repeats = 1 if args.full else 5
     if args.probe:
         return probe()
     return full_main(args) if args.full else tiny_main(args)

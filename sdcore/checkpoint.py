@@ -370,14 +370,16 @@ def _check_keys(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str,
         raise CheckpointError(f"checkpoint {path or ''}: {what} does not match the weights; " + "; ".join(parts))
 
 
-def build_module(cls, config, sd: dict[str, torch.Tensor], what: str, device, dtype, path=None) -> torch.nn.Module:
+def build_module(cls, config, sd: dict[str, torch.Tensor], what: str, device, dtype, path=None,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.nn.Module:
     """Construct `cls(config)` on the meta device and load `sd` into it strictly with assign=True, then move it
-    to `device` in `dtype` (whatever the file's dtype)."""
+    to `device` in `dtype` (whatever the file's dtype), its 4-D weights in `memory_format`."""
     with torch.device("meta"):
         module = cls(config)
     _check_keys(module, sd, what, path)
     module.load_state_dict(sd, strict=True, assign=True)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    layout = {"memory_format": memory_format} if memory_format == torch.channels_last else {}
+    return module.to(device=device, dtype=dtype, **layout).eval().requires_grad_(False)
 
 
 def missing_vae_parts(shapes: dict[str, tuple], config: VAEConfig, prefix: str = VAE) -> list[str]:
@@ -422,7 +424,7 @@ def load_vae_file(path: str | Path, base: VAEConfig, *, meta: bool = False
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     vae_dtype: torch.dtype = torch.float32, *, vae: str | Path | None = None,
-                    prediction: str | None = None) -> StableDiffusionModel:
+                    prediction: str | None = None, channels_last: bool | None = None) -> StableDiffusionModel:
     """Load an LDM/sgm-layout checkpoint file into sdcore's UNet, VAE and text encoder(s).
 
     Args:
@@ -437,6 +439,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
       vae: a separate VAE file replacing the checkpoint's (`load_vae_file`); recorded as `vae_path`.
       prediction: "eps" or "v" to override detection; None = a `NAME.yaml` beside the checkpoint, else the SD2
         probe, else the family's (`resolve_prediction`).
+      channels_last: keep the UNet's and VAE's convolution weights channels-last (NHWC), so every activation
+        between them follows (the convolution kernels pick the layout from the weight) and the transformer tokens
+        need no transposing copy. None = on the CPU only, where it was measured faster (docs/performance.md);
+        results equal the default layout up to float rounding. An fp32 file loaded at fp32 is otherwise used
+        in place (memory-mapped); channels-last copies its convolution weights once.
     Raises CheckpointError (one line, naming `--ckpt`/`--vae` and the file) for unreadable, hostile (refused by
     name, never executed), unrecognised or mismatching files (keys listed), a folder (a diffusers folder is named as
     such), and a checkpoint without a VAE when `vae` is not given ("first_stage_model.encoder.*: missing (N keys)");
@@ -478,7 +485,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     else:
         vae_path = Path(vae)
         vae_sd, vae_config, vae_why = load_vae_file(vae_path, fam.vae, meta=meta)
-    unet = build_module(UNetModel, fam.unet, sub_state_dict(sd, UNET), "UNet", device, dtype, path)
+    if channels_last is None:
+        channels_last = device.type == "cpu"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    unet = build_module(UNetModel, fam.unet, sub_state_dict(sd, UNET), "UNet", device, dtype, path, layout)
     yaml_path = path.with_suffix(".yaml")
     probe_unet = unet
     if meta and detection.probe_prediction and prediction is None and not yaml_path.is_file():
@@ -491,7 +501,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if vae_config is not None:
         fam = replace(fam, vae=vae_config)
         reasons += vae_why
-    vae_module = build_module(AutoencoderKL, fam.vae, vae_sd, "VAE", device, vae_dtype, vae_path or path)
+    vae_module = build_module(AutoencoderKL, fam.vae, vae_sd, "VAE", device, vae_dtype, vae_path or path, layout)
     component_dtypes = {"unet": dtype_counts(sub_state_dict(sd, UNET)), "vae": dtype_counts(vae_sd)}
     text_encoders = []
     for config, prefix in zip(fam.text, fam.text_prefixes, strict=True):

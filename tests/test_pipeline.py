@@ -371,14 +371,17 @@ def test_plan_txt2img_hires_two_passes(sd1_tiny):
 
 BOX = (16, 20, 40, 52)
 BLEND_NAMES = ["a1111", "xt", "differential", "soft_inpainting"]
+BLEND_SAMPLER = "Euler a"
 
 
 @pytest.fixture(scope="module")
 def blend_runs(sd1_tiny, photo):
+    # An ancestral sampler: with a deterministic one (Euler, DPM++ 2M) the kept cells follow init + sigma * noise
+    # under both a1111 and xt, so those two blends are equal in exact arithmetic and differ only by float rounding.
     out = {}
     for name in BLEND_NAMES:
         p = job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blur=0, inpaint_full_res=False,
-                inpainting_fill=1, steps=5, mask_blend=name)
+                inpainting_fill=1, steps=5, mask_blend=name, sampler_name=BLEND_SAMPLER)
         out[name] = process_images(p)
     return out
 
@@ -413,7 +416,8 @@ def test_soft_inpainting_differs_from_a1111(blend_runs):
 
 
 def test_xt_differs_from_a1111(blend_runs):
-    assert blend_runs["xt"].images[0].tobytes() != blend_runs["a1111"].images[0].tobytes()
+    xt, a1111 = (np.asarray(blend_runs[n].images[0]).astype(int) for n in ("xt", "a1111"))
+    assert np.abs(xt - a1111)[~outside(BOX)].mean() > 1.0  # not float rounding: whole levels inside the mask
 
 
 def test_differential_keeps_the_grey_edge_cells_of_a_binary_pixel_mask(blend_runs):
@@ -432,7 +436,7 @@ def test_differential_rule_equals_a1111_on_a_rounded_latent_mask(sd1_tiny, photo
         keeps_grey_mask: bool = dataclasses.field(default=False, init=False, repr=False)
 
     p = job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blur=0, inpaint_full_res=False,
-            inpainting_fill=1, steps=5, mask_blend=RoundedDifferential())
+            inpainting_fill=1, steps=5, mask_blend=RoundedDifferential(), sampler_name=BLEND_SAMPLER)
     processed = process_images(p)
     assert processed.plans[0].blend == "differential"
     assert processed.images[0].tobytes() == blend_runs["a1111"].images[0].tobytes()
@@ -479,7 +483,7 @@ def test_mask_blend_object_is_used(sd1_tiny, photo, blend_runs):
     blend = make_blend("xt")
     assert isinstance(blend, MaskBlend)
     p = job(sd1_tiny, photo, mask=rect_mask(photo.size, BOX), mask_blur=0, inpaint_full_res=False,
-            inpainting_fill=1, steps=5, mask_blend=blend)
+            inpainting_fill=1, steps=5, mask_blend=blend, sampler_name=BLEND_SAMPLER)
     processed = process_images(p)
     assert processed.images[0].tobytes() == blend_runs["xt"].images[0].tobytes()
     assert "Mask blend: xt" in processed.info

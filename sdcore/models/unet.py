@@ -23,6 +23,14 @@ from sdcore.families import UNetConfig
 GROUPS = 32  # LDM `normalization(channels)` = GroupNorm32(32, channels)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """`torch.channels_last` when the 4-D `x` is laid out channels-last (and not also plain contiguous, as a
+    tensor with one channel or one cell is), else `torch.contiguous_format`."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: `cat([cos(t * f), sin(t * f)])`.
 
@@ -204,14 +212,16 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C')
+        # Tokens contiguous (B, h*w, C'): a free view when x is channels_last, else one copy here instead of one
+        # per LayerNorm and slow strided residual adds in every block.
+        x = x.flatten(2).transpose(1, 2).contiguous()
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, C', h, w)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=memory_format_of(x_in))
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
@@ -406,4 +416,4 @@ class UNetModel(nn.Module):
                 # to the skip's size as A1111 does (modules/sd_hijack_unet.py, cat), letting any multiple of 8 px run.
                 h = F.interpolate(h, skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype, memory_format=torch.contiguous_format)

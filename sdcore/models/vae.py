@@ -280,11 +280,12 @@ class AutoencoderKL(nn.Module):
         [B, embed_dim, H/downscale, W/downscale]. Raises ValueError on a wrong shape."""
         self.check_pixels(x)
         dtype = self.quant_conv.weight.dtype
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x.to(dtype))))
+        return DiagonalGaussianDistribution(
+            self.quant_conv(self.encoder(x.to(dtype))).contiguous(memory_format=torch.contiguous_format))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: [B, embed_dim, h, w] unscaled latent (already divided by scale_factor) -> [B, out_ch, h*f, w*f],
         roughly in [-1, 1] (not clipped). Raises ValueError on a wrong shape."""
         self.check_latent(z)
         dtype = self.post_quant_conv.weight.dtype
-        return self.decoder(self.post_quant_conv(z.to(dtype)))
+        return self.decoder(self.post_quant_conv(z.to(dtype))).contiguous(memory_format=torch.contiguous_format)

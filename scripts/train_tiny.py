@@ -26,9 +26,13 @@ Stage 2 (issue 14; phases of `stage2`, starting from the stage-1 checkpoint give
   decoder  fine-tune post_quant_conv + decoder on full 64 px images with edge-weighted L1 + MSE (`edge_weights`), the
            encoder frozen (latents, scale_factor, the UNet and the Approx-cheap fit stay valid): against the coloured
            speck in the bottom-right corner (eval_tiny.corner_speck).
+  corners  (with --corner-steps > 0) continue that decoder with `corner_loss` on the four 8 px corner blocks, plain
+           images in every batch and image sizes cycling through 48/64/80 px: the speck came from corner features
+           the decoder built from its zero padding, dominating its GroupNorm statistics (so it grew with the size).
   latents  as above, with the base encoder and scale factor, also keeping each scene's emphasis weight
            (tiny_data.emphasis_weight: its size) and the caption tokens.
-  joint    train the text encoder (ln_final frozen, see `make_text_unet`) and fine-tune the UNet together; for
+  joint    train the text encoder (ln_final frozen, see `make_text_unet`) and fine-tune the UNet together (or, with
+           --joint-from, continue an earlier joint run's EMA on a new learning-rate schedule); for
            --emphasis-p of the samples the colour word carries the scene's emphasis weight, applied as inference
            applies it (sdcore.prompts.apply_emphasis), so "a (red:1.5) circle" draws a larger red circle.
   export   as above, with the stage-2 decoder, text encoder and UNet where they exist.
@@ -416,6 +420,74 @@ def train_decoder(args) -> None:
                ema_decay=args.stage2_ema)
 
 
+def corner_loss(rec: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
+    """L1 + MSE of `rec` against `x` over the `block` x `block` pixels at each of the four image corners (all four
+    blocks pooled): rec, x float [B, C, H, W] with H, W >= block; a scalar (0 when the corners are exact). Raises
+    ValueError for a shape mismatch or a block larger than the image."""
+    if rec.shape != x.shape or rec.ndim != 4:
+        raise ValueError(f"rec {tuple(rec.shape)} and x {tuple(x.shape)} must be the same [B, C, H, W] shape")
+    if not 0 < block <= min(x.shape[-2:]):
+        raise ValueError(f"block={block} must be in 1..{min(x.shape[-2:])} (the image's smaller side)")
+    d = rec - x
+    corners = torch.cat([d[..., :block, :block], d[..., :block, -block:], d[..., -block:, :block],
+                         d[..., -block:, -block:]])
+    return corners.abs().mean() + corners.pow(2).mean()
+
+
+def corners_batch(seed: int, step: int, batch: int, size: int, flat: int) -> torch.Tensor:
+    """float32 [batch, 3, size, size] in [-1, 1]: (batch - flat) // 2 photo crops, the rest of the non-flat
+    images synthetic scenes (both 64 px, or `size` px photo crops when size < 64, resized to `size` bilinearly
+    otherwise: the photo pyramid's smallest level is 64 px), then `flat` images of one uniform random sRGB colour
+    each (the plain backgrounds on which a corner speck shows)."""
+    from PIL import Image
+
+    def resized(image: np.ndarray) -> np.ndarray:
+        if image.shape[0] == size:
+            return image
+        return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+    rng = step_rng(seed, 7, step)
+    n = batch - flat
+    images = [resized(tiny_data.photo_crop(rng, "train", size=min(size, tiny_data.SIZE))) for _ in range(n // 2)]
+    images += [resized(tiny_data.sample_scene(rng)[0]) for _ in range(n - n // 2)]
+    images += [np.broadcast_to(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8), (size, size, 3))
+               for _ in range(flat)]
+    return to_tensor(np.stack(images))
+
+
+def train_corners(args) -> None:
+    """Phase corners: continue the decoder phase's EMA decoder (post_quant_conv + decoder, encoder frozen) with the
+    edge-weighted loss plus `args.corner_gain` x `corner_loss` on the four `args.corner_block` px corner blocks, on
+    images whose size cycles through `args.corner_sizes` (so the decoder cannot keep size-specific corner features:
+    the speck grew with the image size), `args.corner_flat` plain images per batch. The EMA is what export writes."""
+    work = Path(args.workdir)
+    vae = base_module(args, "first_stage_model.", AutoencoderKL(tiny_family().vae))
+    if (work / "decoder_state.pt").exists():
+        load_ema(work / "decoder_state.pt", DecoderOnly(vae))
+    vae.requires_grad_(False)
+    model = DecoderOnly(vae).requires_grad_(True)
+    ema = DecoderOnly(AutoencoderKL(tiny_family().vae)).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.corner_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    start = resume(work / "corners_state.pt", model, ema, opt)
+    sizes = [int(s) for s in args.corner_sizes.split(",")]
+
+    def loss_fn(step):
+        size = sizes[step % len(sizes)]
+        x = corners_batch(args.seed, step, args.decoder_batch, size, args.corner_flat)
+        with torch.no_grad():
+            z = vae.encode(x).sample(step_generator(args.seed, 7, step))
+        rec = vae.decode(z.float()).float()
+        weight = edge_weights(size, args.edge_band, args.edge_gain)
+        l1 = ((rec - x).abs() * weight).mean()
+        mse = ((rec - x).pow(2) * weight).mean()
+        corner = corner_loss(rec, x, args.corner_block)
+        return l1 + mse + args.corner_gain * corner, dict(l1=l1.item(), mse=mse.item(), corner=corner.item())
+
+    train_loop("corners", loss_fn, model, ema, opt, start, args.corner_steps, args.corner_lr, 20, args,
+               ema_decay=args.stage2_ema)
+
+
 class TextUNet(torch.nn.Module):
     """Phase joint's trainable pair: the CLIP text encoder (`te`, ln_final frozen) and the UNet (`unet`)."""
 
@@ -468,6 +540,10 @@ def train_joint(args) -> None:
                    lr_scale=args.te_lr / args.joint_lr)]
     opt = torch.optim.AdamW(groups, lr=args.joint_lr, betas=(0.9, 0.99))
     start = resume(work / "joint_state.pt", model, ema, opt)
+    if start == 0 and args.joint_from:  # a new schedule from an earlier joint run's EMA (fresh optimizer)
+        init = torch.load(args.joint_from, weights_only=True)["ema"]
+        model.load_state_dict(init)
+        ema.load_state_dict(init)
     n = mean.shape[0]
     large = torch.nonzero(data["large"]).flatten() if args.large_p > 0 else None
 
@@ -530,6 +606,8 @@ def export(args) -> None:
         base_module(args, "first_stage_model.", vae)
     if (work / "decoder_state.pt").exists():
         load_ema(work / "decoder_state.pt", DecoderOnly(vae))
+    if (work / "corners_state.pt").exists():
+        load_ema(work / "corners_state.pt", DecoderOnly(vae))
     if (work / "unet_state.pt").exists():
         load_ema(work / "unet_state.pt", unet)
     elif args.base:
@@ -552,7 +630,8 @@ def export(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["vae", "latents", "unet", "export", "all", "decoder", "joint", "stage2"])
+    ap.add_argument("phase", choices=["vae", "latents", "unet", "export", "all", "decoder", "corners", "joint",
+                                          "stage2"])
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "tiny"))
     ap.add_argument("--out", default=str(ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"))
     ap.add_argument("--seed", type=int, default=0)
@@ -579,7 +658,15 @@ def main(argv=None) -> None:
     stage2.add_argument("--decoder-lr", type=float, default=2e-4)
     stage2.add_argument("--edge-band", type=int, default=4, help="pixels along each edge weighted up (decoder)")
     stage2.add_argument("--edge-gain", type=float, default=4.0, help="extra loss weight of the edge band (decoder)")
+    stage2.add_argument("--corner-steps", type=int, default=0, help="steps of phase corners (0: skipped)")
+    stage2.add_argument("--corner-lr", type=float, default=5e-4)
+    stage2.add_argument("--corner-gain", type=float, default=10.0, help="weight of corner_loss (corners)")
+    stage2.add_argument("--corner-block", type=int, default=8, help="corner block side in pixels (corners)")
+    stage2.add_argument("--corner-flat", type=int, default=2, help="plain images per batch (corners)")
+    stage2.add_argument("--corner-sizes", default="48,64,80", help="image sizes cycled through (corners)")
     stage2.add_argument("--joint-steps", type=int, default=1500)
+    stage2.add_argument("--joint-from", default=None,
+                        help="joint_state.pt of an earlier joint run: start from its EMA with a new schedule (joint)")
     stage2.add_argument("--joint-lr", type=float, default=3e-4, help="peak learning rate of the UNet (joint)")
     stage2.add_argument("--te-lr", type=float, default=1e-3, help="peak learning rate of the text encoder (joint)")
     stage2.add_argument("--emphasis-p", type=float, default=0.5,
@@ -597,14 +684,16 @@ def main(argv=None) -> None:
     if args.keep_scale_factor is None:
         args.keep_scale_factor = args.base is not None
     phases = {"all": ["vae", "latents", "unet", "export"],
-              "stage2": ["decoder", "latents", "joint", "export"]}.get(args.phase, [args.phase])
+              "stage2": ["decoder", "corners", "latents", "joint", "export"]}.get(args.phase, [args.phase])
     work = Path(args.workdir)
     for phase in phases:
         if phase == "latents" and (work / "latents.pt").exists() and args.phase == "stage2":
             continue  # resumed run: the latents of this workdir are final
+        if phase == "corners" and args.corner_steps == 0:
+            continue
         t = time.process_time()
         {"vae": train_vae, "latents": encode_dataset, "unet": train_unet, "export": export, "decoder": train_decoder,
-         "joint": train_joint}[phase](args)
+         "corners": train_corners, "joint": train_joint}[phase](args)
         record_cpu(work, phase, time.process_time() - t)
 
 

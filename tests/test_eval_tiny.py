@@ -116,3 +116,36 @@ def test_colour_multipliers_match_prompt_parsing():
     m = train_tiny.colour_multipliers(train_tiny.caption_tokens(tok, ["a red circle"]), torch.tensor([1.3]))
     assert train_tiny.caption_tokens(tok, ["a red circle"])[0].tolist() == list(chunk.tokens)
     assert torch.allclose(m[0], torch.tensor(chunk.multipliers, dtype=torch.float32))
+
+
+def test_corner_loss_counts_only_the_four_corner_blocks():
+    """An error of 0.5 on every pixel of one 8 x 8 corner block (and on nothing else in a 4 x 4 interior patch) out
+    of four pooled blocks: L1 = 0.5 / 4, MSE = 0.25 / 4; errors outside the corner blocks do not count."""
+    x = torch.zeros(2, 3, 32, 40)
+    rec = x.clone()
+    rec[..., -8:, -8:] = 0.5  # the bottom-right block of every image and channel
+    rec[..., 12:16, 12:16] = 9.0  # interior: ignored
+    assert float(train_tiny.corner_loss(rec, x, 8)) == pytest.approx(0.5 / 4 + 0.25 / 4)
+    assert float(train_tiny.corner_loss(x, x, 8)) == 0.0
+    rec2 = x.clone()
+    rec2[..., 0, 0] = -1.0  # one pixel of the top-left block of 64 pixels: |d| = d^2 = 1
+    assert float(train_tiny.corner_loss(rec2, x, 8)) == pytest.approx(2 * 1 / (4 * 64))
+
+
+def test_corner_loss_rejects_bad_arguments():
+    x = torch.zeros(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="same"):
+        train_tiny.corner_loss(x, torch.zeros(1, 3, 16, 8), 4)
+    with pytest.raises(ValueError, match="block"):
+        train_tiny.corner_loss(x, x, 17)
+
+
+@pytest.mark.parametrize("size", [48, 64, 80])
+def test_corners_batch_sizes_range_and_flat_images(size):
+    x = train_tiny.corners_batch(seed=0, step=3, batch=6, size=size, flat=2)
+    assert x.shape == (6, 3, size, size) and x.dtype == torch.float32
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+    flat = x[-2:].flatten(2)
+    assert torch.equal(flat.amax(2), flat.amin(2))  # one colour per image
+    assert not torch.equal(x[0].flatten(1).amax(1), x[0].flatten(1).amin(1))  # a photo crop is not plain
+    assert torch.equal(x, train_tiny.corners_batch(seed=0, step=3, batch=6, size=size, flat=2))  # from seed, step

@@ -4,7 +4,7 @@ Default (issue 6 item 5): checkpoint load, then `process_images` for img2img and
 native 64 px, 20 steps (Euler a; d = 0.75 -> 16 model calls with CFG), median of --repeats runs, each printed
 against the issue's bound (10 s) and goal (2 s).
 
---full (issue 12 items 1, 2, 5): in one process, the same random-weight full-size SD1.5 checkpoint written as an fp16
+--full (issue 12 items 1, 2, 5): the same random-weight full-size SD1.5 checkpoint written as an fp16
 file (scripts/make_checkpoint.py, as users download them) goes through sdcore's `process_images` and diffusers'
 `StableDiffusionImg2ImgPipeline` / `StableDiffusionInpaintPipeline`, assembled from local parts only: UNet and VAE
 by diffusers' own single-file conversion (`diffusers.loaders.single_file_utils`, via tests/_diffusers_oracle.py),
@@ -15,9 +15,10 @@ central square), each at fp32 and at bf16 compute (UNet and text encoder; the VA
 diffusers' VAE gets its input cast by a forward pre-hook, as its pipelines would pass bf16 tensors to it).
 Per case and side: wall time of load (the file evicted from the page cache first, posix_fadvise DONTNEED, and
 compared with a cold read of the same file), text encoder, VAE encode, sampling (first UNet call start to last
-UNet call end), VAE decode, total, model calls, overhead (total - UNet - VAE - text encoder time); peak RSS as
-/proc/self/status VmHWM reset per run through /proc/self/clear_refs, and the RSS the side's model occupies. Ratios
-sdcore/diffusers. sdcore's model hash (sha256 of the file, for the infotext) is counted in its total.
+UNet call end), VAE decode, total, model calls, overhead (total - UNet - VAE - text encoder time); the RSS the
+side's model occupies, and the peak RSS of the whole process (load and run): each side runs in its own process
+(`--child`), `--repeats` times, the order alternating, medians reported. `--nchw` adds sdcore with
+`channels_last=False`. Ratios sdcore/diffusers. sdcore's model hash (sha256 of the file, for the infotext) is counted in its total.
 --sdxl adds a 1024x1024 SDXL img2img at bf16 with VAE tiling (time per step, peak RSS), sdcore only.
 --json FILE writes every figure as one JSON object. Not a test: the numbers depend on the machine and its load.
 """
@@ -304,7 +305,7 @@ def measure(side: str, path: Path, dtype, inpaint, photo, mask, steps, workdir, 
     with torch.inference_mode():
         result = run_timed(run, clock)
     clock.close()
-    result.update(load=load, model_rss=model_rss, side_peak=model_rss + result["work_rss"])
+    result.update(load=load, model_rss=model_rss)
     del model, run, clock
     gc.collect()
     return result

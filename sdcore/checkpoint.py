@@ -378,8 +378,7 @@ def build_module(cls, config, sd: dict[str, torch.Tensor], what: str, device, dt
         module = cls(config)
     _check_keys(module, sd, what, path)
     module.load_state_dict(sd, strict=True, assign=True)
-    layout = {"memory_format": memory_format} if memory_format == torch.channels_last else {}
-    return module.to(device=device, dtype=dtype, **layout).eval().requires_grad_(False)
+    return module.to(device=device, dtype=dtype, memory_format=memory_format).eval().requires_grad_(False)
 
 
 def missing_vae_parts(shapes: dict[str, tuple], config: VAEConfig, prefix: str = VAE) -> list[str]:

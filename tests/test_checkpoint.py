@@ -82,6 +82,32 @@ def test_loaded_weights_equal_the_file(sd1_tiny_path):
     assert torch.equal(ours[key], raw["model.diffusion_model." + key])
 
 
+def test_channels_last_is_the_cpu_default_and_only_changes_the_layout(sd1_tiny_path):
+    default, cl, nchw = (load_checkpoint(sd1_tiny_path, channels_last=v) for v in (None, True, False))
+    convs = [n for n, p in nchw.unet.named_parameters() if p.ndim == 4]
+    assert convs
+    for model, channels_last in ((default, True), (nchw, False)):
+        for name, p in model.unet.named_parameters():
+            if p.ndim == 4:
+                assert p.is_contiguous(memory_format=torch.channels_last) == channels_last or p.shape[-1] == 1, name
+                assert p.is_contiguous() != channels_last or p.shape[-1] == 1, name  # 1x1 kernels are both
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in cl.vae.parameters() if p.ndim == 4)
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, nchw.family.unet.context_dim, generator=g)
+    t = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        a, b = cl.unet(x, t, context=c), nchw.unet(x, t, context=c)
+        assert a.is_contiguous() and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        img = cl.vae.decode(x[:1])
+        assert img.is_contiguous() and torch.allclose(img, nchw.vae.decode(x[:1]), atol=1e-5, rtol=1e-4)
+        moments = cl.vae.encode(img.clamp(-1, 1)).mean
+        assert moments.is_contiguous()
+        assert torch.allclose(moments, nchw.vae.encode(img.clamp(-1, 1)).mean, atol=1e-5, rtol=1e-4)
+    # the same values as the file either way (the layout is not a conversion)
+    key = convs[0]
+    assert torch.equal(cl.unet.state_dict()[key], nchw.unet.state_dict()[key])
+
+
 def test_fp16_file_loads_into_requested_dtype(tmp_path):
     path = tmp_path / "half.safetensors"
     write_checkpoint(make_state_dict("sd1", "tiny", seed=1, dtype=torch.float16), path, metadata={})

@@ -212,8 +212,8 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        # Tokens contiguous (B, h*w, C'): a free view when x is channels_last, else one copy here instead of one
-        # per LayerNorm and slow strided residual adds in every block.
+        # Tokens contiguous (B, h*w, C'): free views in and out when x is channels_last, else one copy each way
+        # instead of a copy in every LayerNorm and strided residual adds in every block.
         x = x.flatten(2).transpose(1, 2).contiguous()
         if self.use_linear:
             x = self.proj_in(x)

@@ -309,6 +309,9 @@ def train_unet(args) -> None:
 
     unet, ema, opt, start = setup(lambda: UNetModel(tiny_family().unet), args.seed + 3, args.unet_lr, 0.01,
                                   work / "unet_state.pt")
+    if start == 0 and args.base:  # continue the --base checkpoint's UNet on a new schedule (fresh optimizer)
+        base_module(args, "model.diffusion_model.", unet)
+        ema.load_state_dict(unet.state_dict())
     n = mean.shape[0]
 
     def loss_fn(step):
@@ -324,7 +327,7 @@ def train_unet(args) -> None:
         per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
         return (per_sample * weights[t]).mean(), dict(mse=per_sample.mean().item())
 
-    train_loop("unet", loss_fn, unet, ema, opt, start, args.unet_steps, args.unet_lr, 300, args)
+    train_loop("unet", loss_fn, unet, ema, opt, start, args.unet_steps, args.unet_lr, args.unet_warmup, args)
 
 
 # ---- stage 2 (issue 14): decoder fine-tune and joint text encoder + UNet training from a base checkpoint -----------
@@ -462,7 +465,9 @@ def train_corners(args) -> None:
     the speck grew with the image size), `args.corner_flat` plain images per batch. The EMA is what export writes."""
     work = Path(args.workdir)
     vae = base_module(args, "first_stage_model.", AutoencoderKL(tiny_family().vae))
-    if (work / "decoder_state.pt").exists():
+    if args.corner_init == "fresh":
+        vae = fresh_decoder(vae, args.seed)
+    elif (work / "decoder_state.pt").exists():
         load_ema(work / "decoder_state.pt", DecoderOnly(vae))
     vae.requires_grad_(False)
     model = DecoderOnly(vae).requires_grad_(True)
@@ -484,8 +489,19 @@ def train_corners(args) -> None:
         corner = corner_loss(rec, x, args.corner_block)
         return l1 + mse + args.corner_gain * corner, dict(l1=l1.item(), mse=mse.item(), corner=corner.item())
 
-    train_loop("corners", loss_fn, model, ema, opt, start, args.corner_steps, args.corner_lr, 20, args,
-               ema_decay=args.stage2_ema)
+    train_loop("corners", loss_fn, model, ema, opt, start, args.corner_steps, args.corner_lr, args.corner_warmup,
+               args, ema_decay=args.stage2_ema)
+
+
+def fresh_decoder(vae: AutoencoderKL, seed: int) -> AutoencoderKL:
+    """`vae` with post_quant_conv and decoder replaced by freshly initialised ones (PyTorch's default init, from
+    `seed`); the encoder and quant_conv are kept, so the latents and everything trained on them stay valid. For
+    phase corners with --corner-init fresh: the corner loss and the varied sizes from the first step, instead of a
+    fine-tune against corner features a decoder already learnt."""
+    torch.manual_seed(seed + 11)
+    new = AutoencoderKL(tiny_family().vae)
+    vae.post_quant_conv, vae.decoder = new.post_quant_conv, new.decoder
+    return vae
 
 
 class TextUNet(torch.nn.Module):
@@ -646,6 +662,7 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-steps", type=int, default=3000)
     ap.add_argument("--unet-batch", type=int, default=48)
     ap.add_argument("--unet-lr", type=float, default=8e-4)
+    ap.add_argument("--unet-warmup", type=int, default=300)
     ap.add_argument("--unet-bf16", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--uncond-p", type=float, default=0.1)
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
@@ -664,6 +681,9 @@ def main(argv=None) -> None:
     stage2.add_argument("--corner-block", type=int, default=8, help="corner block side in pixels (corners)")
     stage2.add_argument("--corner-flat", type=int, default=2, help="plain images per batch (corners)")
     stage2.add_argument("--corner-sizes", default="48,64,80", help="image sizes cycled through (corners)")
+    stage2.add_argument("--corner-init", choices=["base", "fresh"], default="base",
+                        help="corners: continue the decoder phase's (or --base's) decoder, or start a new one")
+    stage2.add_argument("--corner-warmup", type=int, default=20, help="learning-rate warm-up steps (corners)")
     stage2.add_argument("--joint-steps", type=int, default=1500)
     stage2.add_argument("--joint-from", default=None,
                         help="joint_state.pt of an earlier joint run: start from its EMA with a new schedule (joint)")

@@ -140,7 +140,7 @@ def test_corner_loss_rejects_bad_arguments():
         train_tiny.corner_loss(x, x, 17)
 
 
-@pytest.mark.parametrize("size", [48, 64, 80])
+@pytest.mark.parametrize("size", [32, 48, 64, 80])
 def test_corners_batch_sizes_range_and_flat_images(size):
     x = train_tiny.corners_batch(seed=0, step=3, batch=6, size=size, flat=2)
     assert x.shape == (6, 3, size, size) and x.dtype == torch.float32
@@ -149,3 +149,54 @@ def test_corners_batch_sizes_range_and_flat_images(size):
     assert torch.equal(flat.amax(2), flat.amin(2))  # one colour per image
     assert not torch.equal(x[0].flatten(1).amax(1), x[0].flatten(1).amin(1))  # a photo crop is not plain
     assert torch.equal(x, train_tiny.corners_batch(seed=0, step=3, batch=6, size=size, flat=2))  # from seed, step
+
+
+def _params(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_fresh_decoder_keeps_the_encoder_and_reinitialises_the_decoder_from_the_seed():
+    from sdcore.models.vae import AutoencoderKL
+
+    torch.manual_seed(123)
+    vae = AutoencoderKL(train_tiny.tiny_family().vae)
+    before = _params(vae)
+    vae = train_tiny.fresh_decoder(vae, seed=0)
+    after = _params(vae)
+    kept = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    renewed = [k for k in before if k.startswith(("decoder.", "post_quant_conv.")) and k.endswith("weight")
+               and "norm" not in k]
+    assert kept and renewed and set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in kept)
+    assert all(not torch.equal(before[k], after[k]) for k in renewed)
+    again = _params(train_tiny.fresh_decoder(AutoencoderKL(train_tiny.tiny_family().vae), seed=0))
+    assert all(torch.equal(after[k], again[k]) for k in renewed)  # the new decoder comes from the seed alone
+
+
+def _tiny_unet_workdir(tmp_path, n=4):
+    """A workdir holding phase latents' two files for `n` random scenes (so phase unet can run without a VAE)."""
+    tmp_path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    torch.save(dict(mean=torch.randn(n, 4, 8, 8, generator=g), std=torch.full((n, 4, 8, 8), 0.01),
+                    caption_ids=torch.arange(n) % 2, scale_factor=0.2086), tmp_path / "latents.pt")
+    torch.save(dict(hidden=torch.randn(2, 77, 128, generator=g)), tmp_path / "text.pt")
+    return tmp_path
+
+
+def test_unet_phase_continues_the_base_unet(tmp_path):
+    """With --base, phase unet starts from the base checkpoint's UNet (model and EMA): after one step at a learning
+    rate of 1e-12 its EMA is the base UNet; without --base it starts from a fresh initialisation."""
+    from safetensors.torch import load_file
+
+    base = ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"
+    common = ["unet", "--unet-steps", "1", "--unet-batch", "2", "--unet-lr", "1e-12", "--unet-warmup", "1",
+              "--save-every", "1"]
+    train_tiny.main(common + ["--workdir", str(_tiny_unet_workdir(tmp_path / "a")), "--base", str(base)])
+    train_tiny.main(common + ["--workdir", str(_tiny_unet_workdir(tmp_path / "b"))])
+    prefix = "model.diffusion_model."
+    want = {k[len(prefix):]: v.float() for k, v in load_file(str(base)).items() if k.startswith(prefix)}
+    continued = torch.load(tmp_path / "a" / "unet_state.pt", weights_only=True)["ema"]
+    fresh = torch.load(tmp_path / "b" / "unet_state.pt", weights_only=True)["ema"]
+    assert set(continued) == set(want)
+    assert all(torch.allclose(continued[k], want[k], atol=1e-6) for k in want)
+    assert not torch.allclose(fresh["out.2.weight"], want["out.2.weight"])

@@ -22,6 +22,7 @@
 
 Usage: python scripts/eval_tiny.py [--ckpt sdcore/weights/sdcore-tiny.safetensors] [--json out.json] [--samples out.png]
        python scripts/eval_tiny.py --plot runs/tiny --out weights/loss_curves.png   (loss curves only)
+       python scripts/eval_tiny.py --corner-figure A.safetensors B.safetensors --out weights/corner_speck.png
 """
 from __future__ import annotations
 
@@ -351,6 +352,31 @@ def plot_curves(workdir: Path, out: Path) -> None:
     fig.savefig(out, dpi=100)
 
 
+def corner_sheet(rows: list[np.ndarray], crop: int = 16, gap: int = 2, zoom: int = 6) -> Image.Image:
+    """The bottom-right `crop` x `crop` pixels of every image, one row per entry of `rows` (each uint8 [N, H, W, 3],
+    all of the same N), on white with `gap` px between cells, enlarged `zoom` x (nearest): the corner-speck figure."""
+    n = len(rows[0])
+    if any(len(r) != n for r in rows):
+        raise ValueError(f"rows must all hold the same number of images; got {[len(r) for r in rows]}")
+    sheet = np.full((len(rows) * (crop + gap) - gap, n * (crop + gap) - gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            y, x = i * (crop + gap), j * (crop + gap)
+            sheet[y:y + crop, x:x + crop] = image[-crop:, -crop:]
+    return Image.fromarray(sheet).resize((sheet.shape[1] * zoom, sheet.shape[0] * zoom), Image.NEAREST)
+
+
+@torch.no_grad()
+def corner_figure(checkpoints: list[str], out: Path) -> None:
+    """weights/corner_speck.png: plain_images(128) 0-3 (flat colours) and 64-67 (plain-background scenes), input
+    on top, then the VAE round trip of each checkpoint in order."""
+    from sdcore.checkpoint import load_checkpoint
+
+    images = plain_images(128)[[0, 1, 2, 3, 64, 65, 66, 67]]
+    rows = [images] + [vae_roundtrip(load_checkpoint(path).vae, images) for path in checkpoints]
+    corner_sheet(rows).save(out)
+
+
 def grid(images: np.ndarray, cols: int) -> Image.Image:
     rows = -(-len(images) // cols)
     pad = np.zeros((rows * cols - len(images), *images.shape[1:]), np.uint8)
@@ -371,7 +397,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / "weights" / "loss_curves.png"))
     ap.add_argument("--skip", nargs="*", default=[], choices=list(EVALS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--corner-figure", nargs="+", default=None, metavar="CKPT",
+                    help="only draw the bottom-right corners of VAE round trips by these checkpoints to --out")
     args = ap.parse_args(argv)
+    if args.corner_figure:
+        corner_figure(args.corner_figure, Path(args.out))
+        print(f"wrote {args.out}")
+        return
     if args.plot:
         plot_curves(Path(args.plot), Path(args.out))
         print(f"wrote {args.out}")

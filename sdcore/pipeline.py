@@ -199,8 +199,7 @@ def img2img(model: StableDiffusionModel, init_images: list[Image.Image], mask: I
     says which and why). Raises ValueError / NotImplementedError for values the steps below refuse.
     """
     device, mask_round = model.device, masking.mask_round and not blend.keeps_grey_mask
-    tiled, tiled_why = resources.vae_tiling_choice(model.family, width, height, vae_tiling, vae_dtype=model.vae_dtype,
-                                                   device=device)
+    tiled, tiled_why = vae_tiling_for(model, width, height, vae_tiling)
     on_noise = noise_reporter(model_callback)
     prep = images.prepare_inputs(
         init_images, mask, width=width, height=height, batch_size=len(seeds.seeds), resize_mode=resize_mode,
@@ -263,8 +262,7 @@ def txt2img(model: StableDiffusionModel, prompts: list[str], negative_prompts: l
     (the hires fix continues from `Result.latents`). Returns `Result` (images empty when not decoded).
     """
     device = model.device
-    tiled, tiled_why = resources.vae_tiling_choice(model.family, width, height, vae_tiling, vae_dtype=model.vae_dtype,
-                                                   device=device)
+    tiled, tiled_why = vae_tiling_for(model, width, height, vae_tiling)
     shape = (model.family.unet.out_channels, height // 8, width // 8)
     conds = encode_conds(model, prompts, negative_prompts, sampler.total_steps(steps), text, width, height)
     later_conds = refiner_conds(refiner, prompts, negative_prompts, sampler, steps, text, width, height)
@@ -308,8 +306,7 @@ def hires_fix(model: StableDiffusionModel, latents: Tensor, prompts: list[str], 
     upscalers decode the first pass's latents with that choice too). Returns `Result`.
     """
     device, batch_seeds, on_noise = model.device, list(seeds.seeds), noise_reporter(model_callback)
-    tiled, tiled_why = resources.vae_tiling_choice(model.family, width, height, vae_tiling, vae_dtype=model.vae_dtype,
-                                                   device=device)
+    tiled, tiled_why = vae_tiling_for(model, width, height, vae_tiling)
     if upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[upscaler]
         init_latent = F.interpolate(latents, size=(height // 8, width // 8), mode=mode, antialias=antialias)
@@ -743,6 +740,14 @@ def run_sampler(model: StableDiffusionModel, sampler: SamplerInfo, denoiser: Cal
                                 noise_sampler=noise_sampler, **kw)
     return sampler.function(denoiser, x, sigma_sched, extra_args=extra_args, callback=callback, disable=disable,
                             noise_sampler=noise_sampler, **kw)
+
+
+def vae_tiling_for(model: StableDiffusionModel, width: int, height: int, vae_tiling: bool | None
+                   ) -> tuple[bool, str]:
+    """(tile the VAE?, why) for one `width x height` pixel image of `model` on its device and VAE dtype:
+    `resources.vae_tiling_choice` (True / False as asked, None = tile only when the untiled VAE would not fit)."""
+    return resources.vae_tiling_choice(model.family, width, height, vae_tiling, vae_dtype=model.vae_dtype,
+                                       device=model.device)
 
 
 def noise_reporter(model_callback: Callable[[dict], None] | None) -> Callable[..., None] | None:

@@ -200,3 +200,16 @@ def test_unet_phase_continues_the_base_unet(tmp_path):
     assert set(continued) == set(want)
     assert all(torch.allclose(continued[k], want[k], atol=1e-6) for k in want)
     assert not torch.allclose(fresh["out.2.weight"], want["out.2.weight"])
+
+
+def test_corner_sheet_places_each_bottom_right_crop():
+    a = np.zeros((2, 64, 64, 3), np.uint8)
+    a[:, -16:, -16:] = 200
+    b = a.copy()
+    b[1, -1, -1] = (255, 0, 0)  # a one-pixel speck in the second image of the second row
+    sheet = np.asarray(eval_tiny.corner_sheet([a, b], crop=16, gap=2, zoom=1))
+    assert sheet.shape == (34, 34, 3)
+    assert (sheet[:16, :16] == 200).all() and (sheet[16:18] == 255).all()  # a cell, then the white gap
+    assert tuple(sheet[33, 33]) == (255, 0, 0) and tuple(sheet[33, 15]) == (200, 200, 200)
+    with pytest.raises(ValueError, match="same number"):
+        eval_tiny.corner_sheet([a, a[:1]])

@@ -487,10 +487,25 @@ def train_corners(args) -> None:
         l1 = ((rec - x).abs() * weight).mean()
         mse = ((rec - x).pow(2) * weight).mean()
         corner = corner_loss(rec, x, args.corner_block)
-        return l1 + mse + args.corner_gain * corner, dict(l1=l1.item(), mse=mse.item(), corner=corner.item())
+        gain = corner_gain_at(step, args.corner_steps, args.corner_gain, args.corner_ramp)
+        return l1 + mse + gain * corner, dict(l1=l1.item(), mse=mse.item(), corner=corner.item())
 
     train_loop("corners", loss_fn, model, ema, opt, start, args.corner_steps, args.corner_lr, args.corner_warmup,
                args, ema_decay=args.stage2_ema)
+
+
+def corner_gain_at(step: int, total: int, gain: float, ramp: tuple[float, float]) -> float:
+    """The corner-loss weight at `step` of `total`: 0 before the fraction ramp[0] of the steps, rising linearly to
+    `gain` at ramp[1], `gain` after (ramp (0, 0): `gain` throughout). A decoder trained from scratch with the full
+    weight from the first step stalled at 11 dB (corners are a quarter of a 32 px image's pixels): it learns to
+    reconstruct first, then its corners."""
+    start, end = ramp
+    if not 0 <= start <= end <= 1:
+        raise ValueError(f"corner ramp {ramp}: need 0 <= start <= end <= 1")
+    progress = step / max(1, total)
+    if progress >= end:
+        return gain
+    return gain * max(0.0, (progress - start) / (end - start)) if end > start else gain
 
 
 def fresh_decoder(vae: AutoencoderKL, seed: int) -> AutoencoderKL:
@@ -683,6 +698,8 @@ def main(argv=None) -> None:
     stage2.add_argument("--corner-sizes", default="48,64,80", help="image sizes cycled through (corners)")
     stage2.add_argument("--corner-init", choices=["base", "fresh"], default="base",
                         help="corners: continue the decoder phase's (or --base's) decoder, or start a new one")
+    stage2.add_argument("--corner-ramp", type=lambda v: tuple(float(x) for x in v.split(",")), default=(0.0, 0.0),
+                        help="START,END fractions of the steps over which the corner gain rises from 0 (corners)")
     stage2.add_argument("--corner-warmup", type=int, default=20, help="learning-rate warm-up steps (corners)")
     stage2.add_argument("--joint-steps", type=int, default=1500)
     stage2.add_argument("--joint-from", default=None,

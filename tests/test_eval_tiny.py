@@ -213,3 +213,13 @@ def test_corner_sheet_places_each_bottom_right_crop():
     assert tuple(sheet[33, 33]) == (255, 0, 0) and tuple(sheet[33, 15]) == (200, 200, 200)
     with pytest.raises(ValueError, match="same number"):
         eval_tiny.corner_sheet([a, a[:1]])
+
+
+def test_corner_gain_ramp():
+    at = train_tiny.corner_gain_at
+    assert at(0, 100, 5.0, (0.0, 0.0)) == 5.0 and at(99, 100, 5.0, (0.0, 0.0)) == 5.0  # constant
+    assert at(39, 100, 5.0, (0.4, 0.7)) == 0.0
+    assert at(55, 100, 5.0, (0.4, 0.7)) == pytest.approx(2.5)
+    assert at(70, 100, 5.0, (0.4, 0.7)) == 5.0 and at(99, 100, 5.0, (0.4, 0.7)) == 5.0
+    with pytest.raises(ValueError, match="ramp"):
+        at(0, 100, 5.0, (0.7, 0.4))

@@ -10,7 +10,7 @@ step number, so a rerun with the same arguments gives the same weights up to CPU
            draws a fresh latent sample) and measure the latent std -> scale_factor (scaled latents have unit
            variance); encode every caption (and "") once with the frozen text encoder, exactly as inference does
            (BOS, tokens, EOS padding to 77, final layer after ln_final).
-  unet     eps-prediction DDPM on the scaled latents with SD's scaled-linear alphas_cumprod (so CompVisDenoiser and
+  unet     (with --base: continuing that checkpoint's UNet on a new schedule) eps-prediction DDPM on the scaled latents with SD's scaled-linear alphas_cumprod (so CompVisDenoiser and
            every sampler apply unchanged), Min-SNR-5 loss weights (Hang et al. 2023, "Efficient Diffusion Training
            via Min-SNR Weighting Strategy"), 10 % empty captions (classifier-free guidance), EMA.
   export   sdcore/weights/sdcore-tiny.safetensors in the LDM layout (model.diffusion_model.*, first_stage_model.*,
@@ -29,6 +29,8 @@ Stage 2 (issue 14; phases of `stage2`, starting from the stage-1 checkpoint give
   corners  (with --corner-steps > 0) continue that decoder with `corner_loss` on the four 8 px corner blocks, plain
            images in every batch and image sizes cycling through 48/64/80 px: the speck came from corner features
            the decoder built from its zero padding, dominating its GroupNorm statistics (so it grew with the size).
+           --corner-init fresh trains a new decoder this way instead (on the same frozen encoder), with
+           --corner-ramp to switch the corner loss on after the decoder has learnt to reconstruct.
   latents  as above, with the base encoder and scale factor, also keeping each scene's emphasis weight
            (tiny_data.emphasis_weight: its size) and the caption tokens.
   joint    train the text encoder (ln_final frozen, see `make_text_unet`) and fine-tune the UNet together (or, with

@@ -14,7 +14,7 @@
    (nearest palette colour) inside the mask, and the largest change of any pixel outside it (must be 0).
 5. Corner artifact (issue 14): `corner_speck`, the largest deviation of the bottom-right 3 x 3 pixels from the median
    of the rest of the 8 x 8 corner block, on VAE round trips (denoising strength 0) of 128 plain images, and on the
-   prompt-following samples of 3.
+   prompt-following samples of 3; on the flat images also the same statistic at the image centre (the floor).
 6. Emphasis: "a (red:1.5) circle" vs "a (red:0.5) circle", 50 seeds: share where 1.5 gives the larger red area.
 7. Position words: "a {colour} {shape} at the {left|right|top|bottom}", 50 seeds each: share whose detected object
    centre is in the named half.
@@ -245,15 +245,31 @@ def plain_images(n: int, seed: int = 2024) -> np.ndarray:
 SPECK_VISIBLE = 16.0  # sRGB levels: a 3 x 3 corner this far off its surroundings is a visible speck at 64 px
 
 
+def interior_speck(images: np.ndarray, size: int = 3, context: int = 8) -> np.ndarray:
+    """`corner_speck`'s statistic at the image centre instead of a corner, float64 [N]: the `size` x `size` pixels
+    centred on pixel (H // 2, W // 2) (odd `size`) against the median of the rest of the `context` x `context` block
+    that ends with them. On a flat image's
+    VAE round trip this is the decoder's deviation away from every edge: the floor a corner is compared with."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    h, w = images.shape[1] // 2 + size // 2 + 1, images.shape[2] // 2 + size // 2 + 1
+    return corner_speck(np.ascontiguousarray(images[:, :h, :w]), "bottom_right", size, context)
+
+
 def eval_corners(sd, n: int = 128) -> dict:
     """VAE round trip (denoising strength 0) of `plain_images(n)`: bottom-right corner speck (mean, share of images
-    above SPECK_VISIBLE), the worst of the other three corners' means, and the input's own (0 for flat images)."""
+    above SPECK_VISIBLE), the worst of the other three corners' means, and the input's own (0 for flat images);
+    on the flat half also the bottom right against the same statistic at the centre (`interior_speck`)."""
     images = plain_images(n)
     recon = vae_roundtrip(sd.vae, images)
+    flat = recon[: n // 2]
     out = {"corner_speck_br_mean": float(corner_speck(recon).mean()),
            "corner_speck_br_visible": float((corner_speck(recon) > SPECK_VISIBLE).mean()),
            "corner_speck_other_mean_max": float(max(corner_speck(recon, c).mean() for c in CORNERS[1:])),
-           "corner_speck_input_br_mean": float(corner_speck(images).mean())}
+           "corner_speck_input_br_mean": float(corner_speck(images).mean()),
+           "corner_speck_flat_br_mean": float(corner_speck(flat).mean()),
+           "corner_speck_flat_interior_mean": float(interior_speck(flat).mean())}
     return out
 
 

@@ -223,3 +223,11 @@ def test_corner_gain_ramp():
     assert at(70, 100, 5.0, (0.4, 0.7)) == 5.0 and at(99, 100, 5.0, (0.4, 0.7)) == 5.0
     with pytest.raises(ValueError, match="ramp"):
         at(0, 100, 5.0, (0.7, 0.4))
+
+
+def test_interior_speck_sees_the_centre_not_the_corners():
+    image = _plain((40, 80, 120), n=2)
+    image[0, 31:34, 31:34] = (40, 80, 200)  # the 3 x 3 pixels centred on pixel (32, 32) of a 64 px image
+    image[1, -3:, -3:] = (255, 255, 255)  # a corner speck only
+    assert eval_tiny.interior_speck(image).tolist() == [80.0, 0.0]
+    assert eval_tiny.corner_speck(image).tolist() == [0.0, 215.0]

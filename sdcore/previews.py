@@ -43,7 +43,7 @@ from torch import nn
 from .checkpoint import StableDiffusionModel, build_module, open_state_dict
 from .families import Family, LatentRGB
 from .images import write_new_file
-from .pipeline import decode
+from .pipeline import decode, vae_tiling_for
 
 Tensor = torch.Tensor
 
@@ -197,7 +197,9 @@ def preview_image(method: str, denoised: Tensor, model: StableDiffusionModel,
     """One PIL RGB preview per image of `denoised`, the scaled latent [B, 4, h, w] a sampler callback receives.
 
     method: "approx_cheap" (h x w pixels, `model.family.latent_rgb`), "taesd" (8h x 8w, the `taesd` decoder, run
-    on its own device and dtype) or "full" (the model's VAE decode, `pipeline.decode`: the size of the final image).
+    on its own device and dtype) or "full" (the model's VAE decode, `pipeline.decode`: the size of the final image;
+    tiled by the automatic rule of the final decode, `pipeline.vae_tiling_for`, so a preview never needs more memory
+    than the job's own decode would untiled).
     `denoised` is only read. Raises ValueError for an unknown method, a taesd decoder missing for "taesd" or given
     for another method, a family without an Approx cheap matrix or a latent of another shape; FloatingPointError
     when `denoised` is not finite.
@@ -208,7 +210,8 @@ def preview_image(method: str, denoised: Tensor, model: StableDiffusionModel,
     with torch.no_grad():
         if method == "full":
             _check_latent("denoised", denoised, None)
-            return decode(model, denoised)
+            height, width = (8 * n for n in denoised.shape[-2:])
+            return decode(model, denoised, tiled=vae_tiling_for(model, width, height, None)[0])
         _check_latent("denoised", denoised)
         weight = next(taesd.parameters())
         # taesd.py's decoder outputs [0, 1]; A1111 maps it to [-1, 1] like the other methods (`x * 2 - 1`)

@@ -220,6 +220,24 @@ def test_full_preview_is_the_models_decode(tiny):
     assert full[0].size == (64, 64)
 
 
+def test_full_preview_tiles_when_the_untiled_vae_would_not_fit(tiny, monkeypatch):
+    """The "full" preview follows the final decode's automatic rule: with (pretend) 1 MiB available it goes
+    through the tiled VAE, which equals the untiled decode up to float rounding (docs/vae_tiling.md)."""
+    from sdcore import pipeline, resources
+    from sdcore.models import vae_tiling
+
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    untiled = previews.preview_image("full", z, tiny)
+    calls = []
+    real = vae_tiling.decode
+    monkeypatch.setattr(resources, "available_bytes", lambda device=None: 1 << 20)
+    monkeypatch.setattr(vae_tiling, "decode", lambda vae, x, tiled, **kw: calls.append(tiled) or real(vae, x, tiled,
+                                                                                                        **kw))
+    tiled = previews.preview_image("full", z, tiny)
+    assert calls == [True] and pipeline.vae_tiling_for(tiny, 64, 64, None)[0]
+    assert np.abs(np.asarray(tiled[0]).astype(int) - np.asarray(untiled[0]).astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize("kwargs, error", [
     ({"method": "bogus"}, "method='bogus'; allowed: approx_cheap, taesd, full"),
     ({"method": "taesd"}, "needs taesd="),

@@ -248,13 +248,13 @@ SPECK_VISIBLE = 16.0  # sRGB levels: a 3 x 3 corner this far off its surrounding
 def interior_speck(images: np.ndarray, size: int = 3, context: int = 8) -> np.ndarray:
     """`corner_speck`'s statistic at the image centre instead of a corner, float64 [N]: the `size` x `size` pixels
     centred on pixel (H // 2, W // 2) (odd `size`) against the median of the rest of the `context` x `context` block
-    that ends with them. On a flat image's
-    VAE round trip this is the decoder's deviation away from every edge: the floor a corner is compared with."""
+    that ends with them. On a flat image's VAE round trip this is the decoder's deviation away from every edge: the
+    floor a corner is compared with."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
     h, w = images.shape[1] // 2 + size // 2 + 1, images.shape[2] // 2 + size // 2 + 1
-    return corner_speck(np.ascontiguousarray(images[:, :h, :w]), "bottom_right", size, context)
+    return corner_speck(images[:, :h, :w], "bottom_right", size, context)
 
 
 def eval_corners(sd, n: int = 128) -> dict:

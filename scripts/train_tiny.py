@@ -10,8 +10,9 @@ step number, so a rerun with the same arguments gives the same weights up to CPU
            draws a fresh latent sample) and measure the latent std -> scale_factor (scaled latents have unit
            variance); encode every caption (and "") once with the frozen text encoder, exactly as inference does
            (BOS, tokens, EOS padding to 77, final layer after ln_final).
-  unet     (with --base: continuing that checkpoint's UNet on a new schedule) eps-prediction DDPM on the scaled latents with SD's scaled-linear alphas_cumprod (so CompVisDenoiser and
-           every sampler apply unchanged), Min-SNR-5 loss weights (Hang et al. 2023, "Efficient Diffusion Training
+  unet     eps-prediction DDPM on the scaled latents (with --base: continuing that checkpoint's UNet on a new
+           schedule) with SD's scaled-linear alphas_cumprod (so CompVisDenoiser and every sampler apply
+           unchanged), Min-SNR-5 loss weights (Hang et al. 2023, "Efficient Diffusion Training
            via Min-SNR Weighting Strategy"), 10 % empty captions (classifier-free guidance), EMA.
   export   sdcore/weights/sdcore-tiny.safetensors in the LDM layout (model.diffusion_model.*, first_stage_model.*,
            cond_stage_model.transformer.text_model.* via open_clip_to_hf, alphas_cumprod). Runs with whatever phases
@@ -507,7 +508,9 @@ def corner_gain_at(step: int, total: int, gain: float, ramp: tuple[float, float]
     progress = step / max(1, total)
     if progress >= end:
         return gain
-    return gain * max(0.0, (progress - start) / (end - start)) if end > start else gain
+    if progress < start:
+        return 0.0
+    return gain * (progress - start) / (end - start)
 
 
 def fresh_decoder(vae: AutoencoderKL, seed: int) -> AutoencoderKL:

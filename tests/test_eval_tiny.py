@@ -221,6 +221,7 @@ def test_corner_gain_ramp():
     assert at(39, 100, 5.0, (0.4, 0.7)) == 0.0
     assert at(55, 100, 5.0, (0.4, 0.7)) == pytest.approx(2.5)
     assert at(70, 100, 5.0, (0.4, 0.7)) == 5.0 and at(99, 100, 5.0, (0.4, 0.7)) == 5.0
+    assert at(49, 100, 5.0, (0.5, 0.5)) == 0.0 and at(50, 100, 5.0, (0.5, 0.5)) == 5.0  # a step at 50 %
     with pytest.raises(ValueError, match="ramp"):
         at(0, 100, 5.0, (0.7, 0.4))
 

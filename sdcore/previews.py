@@ -193,13 +193,13 @@ def _check_method(method: str, taesd: nn.Module | None) -> None:
 
 
 def preview_image(method: str, denoised: Tensor, model: StableDiffusionModel,
-                  taesd: nn.Module | None = None) -> list[Image.Image]:
+                  taesd: nn.Module | None = None, vae_tiling: bool | None = None) -> list[Image.Image]:
     """One PIL RGB preview per image of `denoised`, the scaled latent [B, 4, h, w] a sampler callback receives.
 
     method: "approx_cheap" (h x w pixels, `model.family.latent_rgb`), "taesd" (8h x 8w, the `taesd` decoder, run
     on its own device and dtype) or "full" (the model's VAE decode, `pipeline.decode`: the size of the final image;
-    tiled by the automatic rule of the final decode, `pipeline.vae_tiling_for`, so a preview never needs more memory
-    than the job's own decode would untiled).
+    tiled as the job's final decode is, `pipeline.vae_tiling_for`: `vae_tiling` True / False as the job asked,
+    None = automatic, tiled only when the untiled VAE would not fit).
     `denoised` is only read. Raises ValueError for an unknown method, a taesd decoder missing for "taesd" or given
     for another method, a family without an Approx cheap matrix or a latent of another shape; FloatingPointError
     when `denoised` is not finite.
@@ -211,7 +211,7 @@ def preview_image(method: str, denoised: Tensor, model: StableDiffusionModel,
         if method == "full":
             _check_latent("denoised", denoised, None)
             height, width = (8 * n for n in denoised.shape[-2:])
-            return decode(model, denoised, tiled=vae_tiling_for(model, width, height, None)[0])
+            return decode(model, denoised, tiled=vae_tiling_for(model, width, height, vae_tiling)[0])
         _check_latent("denoised", denoised)
         weight = next(taesd.parameters())
         # taesd.py's decoder outputs [0, 1]; A1111 maps it to [-1, 1] like the other methods (`x * 2 - 1`)
@@ -279,11 +279,12 @@ class PreviewWriter:
       model: the StableDiffusionModel being sampled (its family's matrix, its VAE).
       taesd: a `TAESDDecoder` (`load_taesd_decoder`), only with method "taesd".
       background: write the files in a worker thread (see above).
+      vae_tiling: the job's `Options.vae_tiling` (True / False / None = automatic), for method "full".
     Raises ValueError for a bad argument (named) or a directory path that is a file.
     """
 
     def __init__(self, every: int, directory: str | Path, method: str, model: StableDiffusionModel,
-                 taesd: nn.Module | None = None, background: bool = False):
+                 taesd: nn.Module | None = None, background: bool = False, vae_tiling: bool | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}; must be an integer >= 1 (steps between previews)")
         _check_method(method, taesd)
@@ -294,6 +295,7 @@ class PreviewWriter:
             raise ValueError(f"directory={str(directory)!r} exists and is not a folder")
         directory.mkdir(parents=True, exist_ok=True)
         self.every, self.directory, self.method, self.model, self.taesd = every, directory, method, model, taesd
+        self.vae_tiling = vae_tiling
         self.paths: list[Path] = []
         self.seconds = 0.0
         self.write_seconds = 0.0
@@ -332,7 +334,7 @@ class PreviewWriter:
         start = time.perf_counter()
         # UniPC's last step makes no model call and reports denoised None; its x is then the final sample
         latent = d["x"] if d.get("denoised") is None else d["denoised"]
-        pictures = preview_image(self.method, latent, self.model, self.taesd)
+        pictures = preview_image(self.method, latent, self.model, self.taesd, self.vae_tiling)
         self.seconds += time.perf_counter() - start
         for k, picture in enumerate(pictures):
             path = self.directory / self.name(step, k, len(pictures))

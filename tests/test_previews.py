@@ -236,6 +236,20 @@ def test_full_preview_tiles_when_the_untiled_vae_would_not_fit(tiny, monkeypatch
     tiled = previews.preview_image("full", z, tiny)
     assert calls == [True] and pipeline.vae_tiling_for(tiny, 64, 64, None)[0]
     assert np.abs(np.asarray(tiled[0]).astype(int) - np.asarray(untiled[0]).astype(int)).max() <= 1
+    previews.preview_image("full", z, tiny, vae_tiling=False)  # the job's explicit choice wins, either way
+    monkeypatch.setattr(resources, "available_bytes", lambda device=None: 1 << 40)
+    previews.preview_image("full", z, tiny, vae_tiling=True)
+    previews.preview_image("full", z, tiny)
+    assert calls == [True, False, True, False]
+
+
+def test_preview_writer_passes_the_jobs_vae_tiling(tiny, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(previews, "preview_image",
+                        lambda method, latent, model, taesd, vae_tiling: seen.append(vae_tiling) or [])
+    writer = previews.PreviewWriter(1, tmp_path, "full", tiny, vae_tiling=True)
+    writer({"i": 0, "denoised": torch.zeros(1, 4, 8, 8), "x": torch.zeros(1, 4, 8, 8)})
+    assert seen == [True]
 
 
 @pytest.mark.parametrize("kwargs, error", [
@@ -341,6 +355,21 @@ def test_cli_img2img_taesd_and_full_previews(capsys, tmp_path, taesd_files, astr
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["step-000.png", "step-003.png"]
         with Image.open(tmp_path / folder / "step-003.png") as im:
             assert im.size == (64, 64)
+
+
+def test_cli_full_previews_follow_vae_tiling(tmp_path, monkeypatch):
+    """--vae-tiling reaches the "full" previews as it reaches the final decode (the pipeline's own decode and the
+    previews' each call vae_tiling.decode with the job's choice)."""
+    from sdcore.models import vae_tiling
+
+    calls, real = [], vae_tiling.decode
+    monkeypatch.setattr(vae_tiling, "decode", lambda vae, x, tiled, **kw: calls.append(tiled) or real(vae, x, tiled,
+                                                                                                        **kw))
+    argv = ["txt2img", "--prompt", "a red circle", "--steps", "2", "--sampler-name", "Euler", "--seed", "7",
+            "--outdir", tmp_path / "out", "--preview-every", "1", "--preview-dir", tmp_path / "pv",
+            "--preview-method", "full", "--vae-tiling"]
+    assert main([str(a) for a in argv]) == 0
+    assert calls == [True, True, True]  # two previews, then the final image
 
 
 @pytest.mark.parametrize("extra, needle", [

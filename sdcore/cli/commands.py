@@ -139,7 +139,7 @@ def run_generate(args, run: Run | None = None) -> int:
     preview = None
     if getattr(args, "preview_dir", None) is not None:  # flags.preview_flags_problem checked the combination
         preview = PreviewWriter(args.preview_every, args.preview_dir, args.preview_method or "approx_cheap", sd,
-                                taesd, background=True)
+                                taesd, background=True, vae_tiling=values.get("opts.vae_tiling"))
     with preview or contextlib.nullcontext():  # waits for the previews' background writes
         for task in tqdm(run.todo, desc="images", unit="input", disable=None if len(run.todo) > 1 else True):
             run_task(sd, values, command, task, outdir, args.trace, preview)

@@ -147,6 +147,16 @@ def tiny_family(scale_factor: float | None = None) -> families.Family:
     return fam
 
 
+def unet_config(args) -> families.UNetConfig:
+    """families.TINY's UNet, with --unet-res-blocks ResBlocks per level if given (a capacity experiment: the loader
+    reads num_res_blocks from the file's shapes, so such a checkpoint still loads as family "tiny")."""
+    from dataclasses import replace
+
+    config = tiny_family().unet
+    blocks = getattr(args, "unet_res_blocks", None)
+    return config if blocks is None else replace(config, num_res_blocks=blocks)
+
+
 def make_text_encoder(seed: int) -> TextEncoder:
     te = TextEncoder(tiny_family().text[0])
     te.reset_parameters(torch.Generator().manual_seed(seed + 7))
@@ -179,7 +189,8 @@ def vae_batch(seed: int, step: int, batch: int) -> torch.Tensor:
     return to_tensor(np.stack(images))
 
 
-def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl_weight: float):
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl_weight: float,
+             return_rec: bool = False):
     posterior = vae.encode(x)
     z = posterior.sample(generator)
     rec = vae.decode(z).float()
@@ -188,7 +199,8 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
     pixels = x[0].numel()
-    return l1 + mse + kl_weight * kl / pixels, dict(l1=l1.item(), mse=mse.item(), kl=kl.item())
+    loss, parts = l1 + mse + kl_weight * kl / pixels, dict(l1=l1.item(), mse=mse.item(), kl=kl.item())
+    return (loss, parts, rec) if return_rec else (loss, parts)
 
 
 def setup(make, seed: int, lr: float, weight_decay: float, state_path: Path):
@@ -236,13 +248,26 @@ def train_loop(name: str, loss_fn, model, ema, opt, start: int, total: int, peak
 
 
 def train_vae(args) -> None:
+    """Phase vae. With --vae-sizes (issue 14's corner recipe from the first step, instead of phase corners'
+    fine-tune): batches of `corners_batch` at sizes cycling through --vae-sizes with --corner-flat plain images,
+    the loss plus `corner_gain_at` x `corner_loss`, ramped in over --corner-ramp."""
     vae, ema, opt, start = setup(lambda: AutoencoderKL(tiny_family().vae), args.seed, args.vae_lr, 0.0,
                                  Path(args.workdir) / "vae_state.pt")
+    sizes = [int(s) for s in args.vae_sizes.split(",")] if args.vae_sizes else None
 
     def loss_fn(step):
-        x = vae_batch(args.seed, step, args.vae_batch)
+        if sizes is None:
+            x = vae_batch(args.seed, step, args.vae_batch)
+        else:
+            x = corners_batch(args.seed, step, args.vae_batch, sizes[step % len(sizes)], args.corner_flat)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            return vae_loss(vae, x, step_generator(args.seed, 1, step), kl_weight=1e-6)
+            loss, parts, rec = vae_loss(vae, x, step_generator(args.seed, 1, step), kl_weight=1e-6,
+                                        return_rec=True)
+        if sizes is None:
+            return loss, parts
+        corner = corner_loss(rec, x, args.corner_block)
+        gain = corner_gain_at(step, args.vae_steps, args.corner_gain, args.corner_ramp)
+        return loss + gain * corner, dict(parts, corner=corner.item())
 
     train_loop("vae", loss_fn, vae, ema, opt, start, args.vae_steps, args.vae_lr, 200, args)
 
@@ -310,7 +335,7 @@ def train_unet(args) -> None:
     weights = (torch.clamp(snr, max=args.min_snr_gamma) / snr).float()
     sqrt_a, sqrt_1ma = alphas.sqrt().float(), (1 - alphas).sqrt().float()
 
-    unet, ema, opt, start = setup(lambda: UNetModel(tiny_family().unet), args.seed + 3, args.unet_lr, 0.01,
+    unet, ema, opt, start = setup(lambda: UNetModel(unet_config(args)), args.seed + 3, args.unet_lr, 0.01,
                                   work / "unet_state.pt")
     if start == 0 and args.base:  # continue the --base checkpoint's UNet on a new schedule (fresh optimizer)
         base_module(args, "model.diffusion_model.", unet)
@@ -540,7 +565,7 @@ def make_text_unet(args) -> TextUNet:
     construction, the same in training and at inference, and never divides by a mean that training moved near 0."""
     te = make_text_encoder(args.seed).train().requires_grad_(True)
     te.ln_final.requires_grad_(False)
-    unet = base_module(args, "model.diffusion_model.", UNetModel(tiny_family().unet))
+    unet = base_module(args, "model.diffusion_model.", UNetModel(unet_config(args)))
     return TextUNet(te, unet)
 
 
@@ -634,7 +659,7 @@ def export(args) -> None:
     sd: dict[str, torch.Tensor] = {}
     vae = AutoencoderKL(fam.vae)
     torch.manual_seed(args.seed + 3)
-    unet = UNetModel(fam.unet)
+    unet = UNetModel(unet_config(args))
     te = make_text_encoder(args.seed)
     if (work / "vae_state.pt").exists():
         load_ema(work / "vae_state.pt", vae)
@@ -676,6 +701,9 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-steps", type=int, default=3000)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-sizes", default=None,
+                    help="vae: image sizes cycled through with plain images and the ramped corner loss "
+                         "(--corner-flat, --corner-gain, --corner-ramp, --corner-block); default: stage 1's 32/64 px")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="bf16 autocast for the VAE (about 2x faster on CPUs with AMX)")
     ap.add_argument("--num-scenes", type=int, default=16000)
@@ -683,6 +711,8 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-batch", type=int, default=48)
     ap.add_argument("--unet-lr", type=float, default=8e-4)
     ap.add_argument("--unet-warmup", type=int, default=300)
+    ap.add_argument("--unet-res-blocks", type=int, default=None,
+                    help="ResBlocks per UNet level (default: families.TINY's, 1)")
     ap.add_argument("--unet-bf16", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--uncond-p", type=float, default=0.1)
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)

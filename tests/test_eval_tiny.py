@@ -232,3 +232,45 @@ def test_interior_speck_sees_the_centre_not_the_corners():
     image[1, -3:, -3:] = (255, 255, 255)  # a corner speck only
     assert eval_tiny.interior_speck(image).tolist() == [80.0, 0.0]
     assert eval_tiny.corner_speck(image).tolist() == [0.0, 215.0]
+
+
+def test_unet_res_blocks_exports_a_checkpoint_that_loads_as_tiny(tmp_path):
+    """--unet-res-blocks 2 trains and exports a UNet with two ResBlocks per level; the loader reads that from the
+    file's shapes and still detects family "tiny" (model_channels and context width are the tiny model's)."""
+    from sdcore import load_checkpoint
+
+    work = _tiny_unet_workdir(tmp_path / "w")
+    out = tmp_path / "rb2.safetensors"
+    common = ["--workdir", str(work), "--unet-res-blocks", "2"]
+    train_tiny.main(["unet", "--unet-steps", "1", "--unet-batch", "2", "--unet-warmup", "1", "--save-every", "1"]
+                    + common)
+    train_tiny.main(["export", "--out", str(out)] + common)
+    model = load_checkpoint(out)
+    assert model.family.name == "tiny" and model.family.unet.num_res_blocks == 2
+    trained = torch.load(work / "unet_state.pt", weights_only=True)["ema"]
+    assert torch.equal(model.unet.state_dict()["input_blocks.2.0.in_layers.2.weight"].float(),
+                       trained["input_blocks.2.0.in_layers.2.weight"].half().float())
+
+
+def test_vae_sizes_cycle_with_flat_images_and_the_ramped_corner_loss(tmp_path, monkeypatch):
+    """Phase vae with --vae-sizes draws corners_batch images at the listed sizes in turn (--corner-flat plain ones)
+    and adds corner_gain_at(step) x corner_loss: with corner_loss fixed at 1 the logged loss exceeds the plain
+    VAE loss by exactly the ramp's gain (0 before the ramp's start, the full gain after its end)."""
+    seen, logged = [], []
+    batch = train_tiny.corners_batch
+
+    def recording_batch(seed, step, n, size, flat):
+        seen.append((size, flat))
+        return batch(seed, step, n, size, flat)
+
+    monkeypatch.setattr(train_tiny, "corners_batch", recording_batch)
+    monkeypatch.setattr(train_tiny, "corner_loss", lambda rec, x, block: torch.tensor(1.0))
+    monkeypatch.setattr(train_tiny, "append_log", lambda path, row: logged.append(row))
+    train_tiny.main(["vae", "--workdir", str(tmp_path), "--no-bf16", "--vae-sizes", "32,48", "--vae-batch", "3",
+                     "--corner-flat", "1", "--corner-gain", "2", "--corner-ramp", "0.5,0.5", "--vae-steps", "20",
+                     "--save-every", "100"])
+    assert seen == [(32, 1), (48, 1)] * 10
+    by_step = {row["step"]: row for row in logged}  # a row every 10 steps: step 0 (gain 0) and step 10 (gain 2)
+    plain = {s: by_step[s]["l1"] + by_step[s]["mse"] for s in (0, 10)}
+    assert by_step[0]["loss"] == pytest.approx(plain[0], abs=1e-3)
+    assert by_step[10]["loss"] == pytest.approx(plain[10] + 2.0, abs=1e-3)

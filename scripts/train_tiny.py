@@ -153,8 +153,7 @@ def unet_config(args) -> families.UNetConfig:
     from dataclasses import replace
 
     config = tiny_family().unet
-    blocks = getattr(args, "unet_res_blocks", None)
-    return config if blocks is None else replace(config, num_res_blocks=blocks)
+    return config if args.unet_res_blocks is None else replace(config, num_res_blocks=args.unet_res_blocks)
 
 
 def make_text_encoder(seed: int) -> TextEncoder:
@@ -189,8 +188,8 @@ def vae_batch(seed: int, step: int, batch: int) -> torch.Tensor:
     return to_tensor(np.stack(images))
 
 
-def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl_weight: float,
-             return_rec: bool = False):
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl_weight: float):
+    """(loss, {l1, mse, kl}, reconstruction float32 like x) of one VAE step on x."""
     posterior = vae.encode(x)
     z = posterior.sample(generator)
     rec = vae.decode(z).float()
@@ -199,8 +198,7 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, kl
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
     pixels = x[0].numel()
-    loss, parts = l1 + mse + kl_weight * kl / pixels, dict(l1=l1.item(), mse=mse.item(), kl=kl.item())
-    return (loss, parts, rec) if return_rec else (loss, parts)
+    return l1 + mse + kl_weight * kl / pixels, dict(l1=l1.item(), mse=mse.item(), kl=kl.item()), rec
 
 
 def setup(make, seed: int, lr: float, weight_decay: float, state_path: Path):
@@ -261,13 +259,12 @@ def train_vae(args) -> None:
         else:
             x = corners_batch(args.seed, step, args.vae_batch, sizes[step % len(sizes)], args.corner_flat)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, parts, rec = vae_loss(vae, x, step_generator(args.seed, 1, step), kl_weight=1e-6,
-                                        return_rec=True)
-        if sizes is None:
-            return loss, parts
-        corner = corner_loss(rec, x, args.corner_block)
-        gain = corner_gain_at(step, args.vae_steps, args.corner_gain, args.corner_ramp)
-        return loss + gain * corner, dict(parts, corner=corner.item())
+            loss, parts, rec = vae_loss(vae, x, step_generator(args.seed, 1, step), kl_weight=1e-6)
+        if sizes is not None:
+            corner = corner_loss(rec, x, args.corner_block)
+            loss = loss + corner_gain_at(step, args.vae_steps, args.corner_gain, args.corner_ramp) * corner
+            parts["corner"] = corner.item()
+        return loss, parts
 
     train_loop("vae", loss_fn, vae, ema, opt, start, args.vae_steps, args.vae_lr, 200, args)
 

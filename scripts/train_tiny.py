@@ -575,6 +575,41 @@ def colour_multipliers(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     return m
 
 
+@torch.no_grad()
+def photo_latents(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) float32 [--photo-crops, 4, 8, 8]: the posterior of that many training photo crops
+    (tiny_data.photo_crop, split "train", 64 px) under the workdir's VAE (load_vae), encoded once and kept in
+    workdir/photos.pt (a resumed run reuses it)."""
+    path = Path(args.workdir) / "photos.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=True)
+        return cached["mean"], cached["std"]
+    vae = load_vae(args)
+    rng = np.random.default_rng([args.seed, 8])
+    means, stds = [], []
+    for start in range(0, args.photo_crops, 256):
+        x = to_tensor(np.stack([tiny_data.photo_crop(rng, "train")
+                                for _ in range(min(256, args.photo_crops - start))]))
+        posterior = vae.encode(x)
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    mean, std = torch.cat(means), torch.cat(stds)
+    save_state(path, mean=mean, std=std)
+    return mean, std
+
+
+def mix_photos(x0: torch.Tensor, ids: torch.Tensor, photos: tuple[torch.Tensor, torch.Tensor], scale: float,
+               p: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, ids) with each sample, with probability `p`, replaced by a scaled posterior draw of a random photo crop
+    of `photos` (posterior_latents) and the empty caption (id 0): the unconditional model then also knows photos,
+    which img2img with an empty prompt denoises. x0: [B, 4, h, w]; ids: int64 [B]; new tensors, inputs kept."""
+    mean, std = photos
+    use = torch.rand(len(ids), generator=gen) < p
+    pidx = torch.randint(0, mean.shape[0], (len(ids),), generator=gen)
+    xp = posterior_latents(mean, std, pidx, scale, gen)
+    return torch.where(use.view(-1, 1, 1, 1), xp, x0), torch.where(use, torch.zeros_like(ids), ids)
+
+
 def train_joint(args) -> None:
     """Phase joint: train the text encoder (ln_final frozen) and fine-tune the UNet together, with the caption
     words' emphasis weight on the colour word for `args.emphasis_p` of the samples (tiny_data.emphasis_weight: the
@@ -604,6 +639,7 @@ def train_joint(args) -> None:
         ema.load_state_dict(init)
     n = mean.shape[0]
     large = torch.nonzero(data["large"]).flatten() if args.large_p > 0 else None
+    photos = photo_latents(args) if args.photo_p > 0 else None
 
     def loss_fn(step):
         gen = step_generator(args.seed, 5, step)
@@ -618,6 +654,8 @@ def train_joint(args) -> None:
         if args.high_t_p > 0:  # extra draws only then (as --large-p): the layout forms at high noise levels
             high = torch.rand(args.unet_batch, generator=gen) < args.high_t_p
             t = torch.where(high, torch.randint(400, 1000, (args.unet_batch,), generator=gen), t)
+        if photos is not None:  # extra draws only then (as --large-p): photo crops under the empty caption
+            x0, ids = mix_photos(x0, ids, photos, scale, args.photo_p, gen)
         eps = torch.randn(x0.shape, generator=gen)
         xt = q_sample(x0, t, eps, sqrt_a, sqrt_1ma)
         tokens = tokens_all[ids]
@@ -744,6 +782,9 @@ def main(argv=None) -> None:
                         help="share of samples redrawn from the scenes without a position (large shapes) (joint)")
     stage2.add_argument("--high-t-p", type=float, default=0.0,
                         help="share of samples whose t is redrawn uniformly from [400, 999] (joint)")
+    stage2.add_argument("--photo-p", type=float, default=0.0,
+                        help="share of joint samples that are training photo crops under the empty caption")
+    stage2.add_argument("--photo-crops", type=int, default=4096, help="photo crops encoded for --photo-p (joint)")
     stage2.add_argument("--stage2-ema", type=float, default=0.995)
     stage2.add_argument("--keep-scale-factor", action=argparse.BooleanOptionalAction, default=None,
                         help="latents: keep families.TINY_VAE.scale_factor (default: on when --base is given)")

@@ -274,3 +274,21 @@ def test_vae_sizes_cycle_with_flat_images_and_the_ramped_corner_loss(tmp_path, m
     plain = {s: by_step[s]["l1"] + by_step[s]["mse"] for s in (0, 10)}
     assert by_step[0]["loss"] == pytest.approx(plain[0], abs=1e-3)
     assert by_step[10]["loss"] == pytest.approx(plain[10] + 2.0, abs=1e-3)
+
+
+def test_mix_photos_swaps_in_photo_latents_under_the_empty_caption():
+    x0 = torch.full((400, 4, 2, 2), 7.0)
+    ids = torch.arange(1, 401)
+    mean, std = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
+    x0_in, ids_in = x0.clone(), ids.clone()
+    out, out_ids = train_tiny.mix_photos(x0, ids, (mean, std), 0.5, 0.25, torch.Generator().manual_seed(0))
+    photo = out_ids == 0
+    assert torch.equal(x0, x0_in) and torch.equal(ids, ids_in)  # inputs kept
+    assert 0.18 < photo.float().mean() < 0.32  # p = 0.25 of 400 draws
+    assert torch.equal(out_ids[~photo], ids[~photo]) and (out[~photo] == 7.0).all()
+    # photo rows: scale 0.5 x (mean of one crop + std 0 x eps), mean of crop k is k everywhere
+    assert set(out[photo].flatten().tolist()) <= {0.0, 0.5, 1.0} and len(set(out[photo][:, 0, 0, 0].tolist())) == 3
+    again = train_tiny.mix_photos(x0, ids, (mean, std), 0.5, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], out) and torch.equal(again[1], out_ids)
+    none = train_tiny.mix_photos(x0, ids, (mean, std), 0.5, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(none[0], x0) and torch.equal(none[1], ids)

@@ -492,6 +492,8 @@ def train_corners(args) -> None:
     vae = base_module(args, "first_stage_model.", AutoencoderKL(tiny_family().vae))
     if args.corner_init == "fresh":
         vae = fresh_decoder(vae, args.seed)
+    elif args.corner_from:  # a second corners run with a new schedule, from an earlier run's EMA decoder
+        load_ema(Path(args.corner_from), DecoderOnly(vae))
     elif (work / "decoder_state.pt").exists():
         load_ema(work / "decoder_state.pt", DecoderOnly(vae))
     vae.requires_grad_(False)
@@ -770,6 +772,8 @@ def main(argv=None) -> None:
                         help="corners: continue the decoder phase's (or --base's) decoder, or start a new one")
     stage2.add_argument("--corner-ramp", type=lambda v: tuple(float(x) for x in v.split(",")), default=(0.0, 0.0),
                         help="START,END fractions of the steps over which the corner gain rises from 0 (corners)")
+    stage2.add_argument("--corner-from", default=None,
+                        help="state file of an earlier decoder/corners run whose EMA decoder phase corners starts from")
     stage2.add_argument("--corner-warmup", type=int, default=20, help="learning-rate warm-up steps (corners)")
     stage2.add_argument("--joint-steps", type=int, default=1500)
     stage2.add_argument("--joint-from", default=None,

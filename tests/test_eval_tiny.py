@@ -292,3 +292,24 @@ def test_mix_photos_swaps_in_photo_latents_under_the_empty_caption():
     assert torch.equal(again[0], out) and torch.equal(again[1], out_ids)
     none = train_tiny.mix_photos(x0, ids, (mean, std), 0.5, 0.0, torch.Generator().manual_seed(0))
     assert torch.equal(none[0], x0) and torch.equal(none[1], ids)
+
+
+def test_corners_phase_starts_from_corner_from_state(tmp_path):
+    """--corner-from: phase corners starts from that state file's EMA decoder (after one step at lr 1e-12 its EMA is
+    the file's), not from the --base decoder; the encoder stays the base's."""
+    from safetensors.torch import load_file
+
+    base = ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"
+    source = {k: v + 0.01 for k, v in train_tiny.DecoderOnly(train_tiny.base_module(
+        type("A", (), {"base": str(base)})(), "first_stage_model.",
+        train_tiny.AutoencoderKL(train_tiny.tiny_family().vae))).state_dict().items()}
+    torch.save(dict(ema=source), tmp_path / "earlier.pt")
+    train_tiny.main(["corners", "--base", str(base), "--workdir", str(tmp_path / "w"), "--no-bf16",
+                     "--corner-from", str(tmp_path / "earlier.pt"), "--corner-steps", "1", "--corner-lr", "1e-12",
+                     "--corner-warmup", "1", "--corner-sizes", "32", "--decoder-batch", "2", "--corner-flat", "1",
+                     "--save-every", "1"])
+    ema = torch.load(tmp_path / "w" / "corners_state.pt", weights_only=True)["ema"]
+    assert set(ema) == set(source)
+    assert all(torch.allclose(ema[k], source[k], atol=1e-6) for k in source)
+    want = load_file(str(base))["first_stage_model.decoder.conv_out.weight"].float()
+    assert not torch.allclose(ema["decoder.conv_out.weight"], want, atol=1e-3)

@@ -313,3 +313,37 @@ def test_corners_phase_starts_from_corner_from_state(tmp_path):
     assert all(torch.allclose(ema[k], source[k], atol=1e-6) for k in source)
     want = load_file(str(base))["first_stage_model.decoder.conv_out.weight"].float()
     assert not torch.allclose(ema["decoder.conv_out.weight"], want, atol=1e-3)
+
+
+def _recipe_commands(workdir: Path) -> list[list[str]]:
+    """The train_tiny.py argument lists of scripts/train_tiny_recipe.sh, with $W and $OUT filled in."""
+    import shlex
+
+    text = (ROOT / "scripts" / "train_tiny_recipe.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        if '"${T[@]}"' not in line or line.lstrip().startswith("#"):
+            continue
+        line = line.split('"${T[@]}"', 1)[1]
+        line = line.replace("$W", str(workdir)).replace("$OUT", str(workdir / "out.safetensors"))
+        commands.append(shlex.split(line))
+    return commands
+
+
+def test_recipe_script_runs_the_phases_in_order_with_parsed_options(tmp_path, monkeypatch):
+    """Every train_tiny.py command of the recipe script parses, and the phases and the options the card names
+    arrive: two ResBlocks in unet, joint and the final export, the photo share in joint, the second corners run
+    from the first one's state."""
+    seen = []
+    for name in ("train_vae", "encode_dataset", "train_unet", "export", "train_joint", "train_corners"):
+        monkeypatch.setattr(train_tiny, name, lambda args, name=name: seen.append((name, args)))
+    for argv in _recipe_commands(tmp_path):
+        train_tiny.main(argv)
+    assert [n for n, _ in seen] == ["train_vae", "export", "encode_dataset", "train_unet", "export", "train_joint",
+                                    "train_corners", "train_corners", "export"]
+    args = [a for _, a in seen]
+    assert [a.unet_res_blocks for a in args[3:6]] == [2, 2, 2] and args[8].unet_res_blocks == 2
+    assert args[5].photo_p == 0.15 and args[5].joint_steps == 800 and args[5].base.endswith("unet.safetensors")
+    assert args[7].corner_from == str(tmp_path / "corners" / "corners_state.pt") and args[7].corner_block == 4
+    assert args[8].out == str(tmp_path / "out.safetensors") and args[8].base.endswith("unet.safetensors")
+    assert len({a.workdir for a in args[2:6] + args[7:]}) == 1  # one workdir: export finds unet, joint, corners

@@ -21,7 +21,7 @@
 8. img2img: 16 held-out photo crops, denoising 0.5, prompt "": PSNR of the result against the input.
 
 Usage: python scripts/eval_tiny.py [--ckpt sdcore/weights/sdcore-tiny.safetensors] [--json out.json] [--samples out.png]
-       python scripts/eval_tiny.py --plot runs/tiny --out weights/loss_curves.png   (loss curves only)
+       python scripts/eval_tiny.py --plot runs/tiny/vae runs/tiny/main --out weights/loss_curves.png   (curves only)
        python scripts/eval_tiny.py --corner-figure A.safetensors B.safetensors --out weights/corner_speck.png
 """
 from __future__ import annotations
@@ -340,19 +340,28 @@ def eval_img2img(sd, n: int = 16, denoising: float = 0.5) -> tuple[dict, np.ndar
     return ({f"img2img_psnr_db_{denoising}": float(psnr(photos, outs).mean())}, np.concatenate([photos, outs]))
 
 
-def plot_curves(workdir: Path, out: Path) -> None:
-    """Loss curves from train_tiny.py's CSV logs (smoothed by a 20-entry moving average) as a PNG."""
+CURVES = {"vae": (("mse", "l1"), "VAE reconstruction (pixels in [-1, 1])"),
+          "unet": (("loss", "mse"), "UNet eps loss (Min-SNR-5 weighted) and plain MSE"),
+          "joint": (("loss", "mse"), "joint text encoder + UNet: eps loss and plain MSE"),
+          "corners": (("l1", "mse", "corner"), "decoder vs the corner speck: L1, MSE, corner_loss")}
+
+
+def plot_curves(workdirs: list[Path], out: Path) -> None:
+    """Loss curves from train_tiny.py's CSV logs (smoothed by a 20-entry moving average) as a PNG: one panel per
+    phase log (`CURVES`: vae, unet, joint, corners) found in `workdirs`, in that order; a phase logged in several
+    workdirs gets one panel each. Raises ValueError when no log is found."""
     import csv
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, name, keys in ((axes[0], "vae", ("mse", "l1")), (axes[1], "unet", ("loss", "mse"))):
-        path = workdir / f"{name}_log.csv"
-        if not path.exists():
-            continue
+    logs = [(name, w / f"{name}_log.csv") for name in CURVES for w in workdirs if (w / f"{name}_log.csv").exists()]
+    if not logs:
+        raise ValueError(f"no train_tiny.py log ({', '.join(n + '_log.csv' for n in CURVES)}) in {workdirs}")
+    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.6), squeeze=False)
+    for ax, (name, path) in zip(axes[0], logs):
+        keys, title = CURVES[name]
         rows = list(csv.DictReader(open(path)))
         steps = np.array([int(r["step"]) for r in rows])
         for key in keys:
@@ -361,8 +370,7 @@ def plot_curves(workdir: Path, out: Path) -> None:
             ax.plot(steps[k - 1:], np.convolve(v, np.ones(k) / k, mode="valid"), label=key)
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_title({"vae": "VAE reconstruction (pixels in [-1, 1])",
-                      "unet": "UNet eps loss (Min-SNR-5 weighted) and plain MSE"}[name], fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -409,7 +417,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt", default=str(ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"))
     ap.add_argument("--json", default=None, help="also write the metrics here")
     ap.add_argument("--samples", default=None, help="PNG grid: prompt-following samples, then inpainting results")
-    ap.add_argument("--plot", default=None, help="workdir of train_tiny.py: only plot its loss curves to --out")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="WORKDIR",
+                    help="workdirs of train_tiny.py: only plot their loss curves to --out")
     ap.add_argument("--out", default=str(ROOT / "weights" / "loss_curves.png"))
     ap.add_argument("--skip", nargs="*", default=[], choices=list(EVALS))
     ap.add_argument("--threads", type=int, default=1)
@@ -421,7 +430,7 @@ def main(argv=None) -> None:
         print(f"wrote {args.out}")
         return
     if args.plot:
-        plot_curves(Path(args.plot), Path(args.out))
+        plot_curves([Path(w) for w in args.plot], Path(args.out))
         print(f"wrote {args.out}")
         return
     torch.set_num_threads(args.threads)

@@ -347,3 +347,16 @@ def test_recipe_script_runs_the_phases_in_order_with_parsed_options(tmp_path, mo
     assert args[7].corner_from == str(tmp_path / "corners" / "corners_state.pt") and args[7].corner_block == 4
     assert args[8].out == str(tmp_path / "out.safetensors") and args[8].base.endswith("unet.safetensors")
     assert len({a.workdir for a in args[2:6] + args[7:]}) == 1  # one workdir: export finds unet, joint, corners
+
+
+def test_plot_curves_one_panel_per_phase_log(tmp_path):
+    from PIL import Image
+
+    for name, header in (("unet", "step,loss,mse"), ("corners", "step,l1,mse,corner")):
+        rows = [header] + [",".join([str(10 * i)] + ["%g" % (1.0 / (i + 1))] * (header.count(",")))
+                           for i in range(30)]
+        (tmp_path / f"{name}_log.csv").write_text("\n".join(rows) + "\n")
+    eval_tiny.plot_curves([tmp_path], tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size == (1000, 360)  # two panels of 5 x 3.6 in at 100 dpi
+    with pytest.raises(ValueError, match="no train_tiny.py log"):
+        eval_tiny.plot_curves([tmp_path / "empty"], tmp_path / "d.png")

@@ -16,11 +16,12 @@ run: the state is saved to a temporary file and renamed every --save-every steps
 The file is written in kohya's key layout (`lora_unet_<diffusers module path with _>.lora_down.weight`,
 `.lora_up.weight`, `.alpha`; `lora_te_text_model_encoder_layers_N_...`), as A1111's Lora extension and
 `sdcore.networks` read it. The UNet's LDM names are mapped to diffusers names by `ldm_to_diffusers_unet_name`:
-with B = num_res_blocks + 1 blocks per level (2 for the tiny UNet, 3 for SD1), input_blocks.{1 + B*i + j}.1 <->
-down_blocks.{i}.attentions.{j}, middle_block.1 <-> mid_block.attentions.0, output_blocks.{B*i + j}.1 <->
-up_blocks.{i}.attentions.{j} (diffusers' `convert_ldm_unet_checkpoint`, which reads layers_per_block from the
-config). A1111's `convert_diffusers_name_to_compvis` hard-codes SD1's B = 3 and would map the tiny file wrongly
-(up_blocks.1.attentions.0 -> output_blocks.3 instead of 2); a loader must take B from the model.
+with B = num_res_blocks + 1 blocks per level (3 for SD1 and the bundled tiny UNet, 2 for a one-ResBlock tiny UNet),
+input_blocks.{1 + B*i + j}.1 <-> down_blocks.{i}.attentions.{j}, middle_block.1 <-> mid_block.attentions.0,
+output_blocks.{B*i + j}.1 <-> up_blocks.{i}.attentions.{j} (diffusers' `convert_ldm_unet_checkpoint`, which reads
+layers_per_block from the config). A1111's `convert_diffusers_name_to_compvis` hard-codes SD1's B = 3 and would map
+a one-ResBlock UNet wrongly (up_blocks.1.attentions.0 -> output_blocks.3 instead of 2); a loader must take B from
+the model.
 
 Usage:
   python scripts/train_lora_tiny.py [--workdir runs/tiny_lora] [--out sdcore/weights/sdcore-tiny-star-lora.safetensors]

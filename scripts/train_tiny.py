@@ -462,16 +462,24 @@ def corner_loss(rec: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
     return corners.abs().mean() + corners.pow(2).mean()
 
 
-def corners_batch(seed: int, step: int, batch: int, size: int, flat: int) -> torch.Tensor:
+def corners_batch(seed: int, step: int, batch: int, size: int, flat: int, crop: bool = False) -> torch.Tensor:
     """float32 [batch, 3, size, size] in [-1, 1]: (batch - flat) // 2 photo crops, the rest of the non-flat
     images synthetic scenes (both 64 px, or `size` px photo crops when size < 64, resized to `size` bilinearly
     otherwise: the photo pyramid's smallest level is 64 px), then `flat` images of one uniform random sRGB colour
-    each (the plain backgrounds on which a corner speck shows)."""
+    each (the plain backgrounds on which a corner speck shows). With `crop` a scene is cut to `size` at a random
+    offset instead of resized (sharp edges at every size, as phase vae's 32 px crops); it needs size <= 64 and
+    raises ValueError otherwise."""
     from PIL import Image
+
+    if crop and size > tiny_data.SIZE:
+        raise ValueError(f"size={size}: crop needs a size <= {tiny_data.SIZE} (the scenes are drawn at that size)")
 
     def resized(image: np.ndarray) -> np.ndarray:
         if image.shape[0] == size:
             return image
+        if crop:
+            y, x = rng.integers(0, image.shape[0] - size + 1, 2)
+            return image[y:y + size, x:x + size]
         return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
     rng = step_rng(seed, 7, step)
@@ -506,7 +514,7 @@ def train_corners(args) -> None:
 
     def loss_fn(step):
         size = sizes[step % len(sizes)]
-        x = corners_batch(args.seed, step, args.decoder_batch, size, args.corner_flat)
+        x = corners_batch(args.seed, step, args.decoder_batch, size, args.corner_flat, crop=args.corner_crop)
         with torch.no_grad():
             z = vae.encode(x).sample(step_generator(args.seed, 7, step))
         rec = vae.decode(z.float()).float()
@@ -772,6 +780,8 @@ def main(argv=None) -> None:
                         help="corners: continue the decoder phase's (or --base's) decoder, or start a new one")
     stage2.add_argument("--corner-ramp", type=lambda v: tuple(float(x) for x in v.split(",")), default=(0.0, 0.0),
                         help="START,END fractions of the steps over which the corner gain rises from 0 (corners)")
+    stage2.add_argument("--corner-crop", action="store_true",
+                        help="cut scenes to the corners size instead of resizing them (sizes <= 64; corners)")
     stage2.add_argument("--corner-from", default=None,
                         help="state file of an earlier decoder/corners run whose EMA decoder phase corners starts from")
     stage2.add_argument("--corner-warmup", type=int, default=20, help="learning-rate warm-up steps (corners)")

@@ -151,6 +151,25 @@ def test_corners_batch_sizes_range_and_flat_images(size):
     assert torch.equal(x, train_tiny.corners_batch(seed=0, step=3, batch=6, size=size, flat=2))  # from seed, step
 
 
+def test_corners_batch_crop_cuts_scenes_without_resampling():
+    """crop=True: the scenes are exact sub-windows of the 64 px scenes (pixel values of the drawing, no bilinear
+    mixing), the photo crops and the stream of draws before them are unchanged; sizes above 64 are refused."""
+    rng = train_tiny.step_rng(0, 7, 3)
+    full = [train_tiny.tiny_data.photo_crop(rng, "train", size=32) for _ in range(2)]
+    scenes = []
+    for _ in range(2):
+        scenes.append(train_tiny.tiny_data.sample_scene(rng)[0])
+        y, x = rng.integers(0, 64 - 32 + 1, 2)
+        scenes[-1] = scenes[-1][y:y + 32, x:x + 32]
+    want = train_tiny.to_tensor(np.stack(full + scenes))
+    got = train_tiny.corners_batch(seed=0, step=3, batch=6, size=32, flat=2, crop=True)
+    assert torch.equal(got[:4], want)
+    plain = train_tiny.corners_batch(seed=0, step=3, batch=6, size=32, flat=2)
+    assert torch.equal(plain[:2], got[:2]) and not torch.equal(plain[2:4], got[2:4])
+    with pytest.raises(ValueError, match="size=80"):
+        train_tiny.corners_batch(seed=0, step=3, batch=6, size=80, flat=2, crop=True)
+
+
 def _params(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 

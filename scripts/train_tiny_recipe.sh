@@ -27,15 +27,5 @@ mkdir -p "$W"
 "${T[@]}" joint --base "$W/unet.safetensors" --unet-res-blocks 2 --no-bf16 --joint-steps 800 --unet-batch 32 \
     --joint-lr 2e-4 --te-lr 1e-3 --photo-p 0.15 --workdir "$W/main"
 
-# 4. Decoder against the corner speck: a fine-tune at four sizes with plain images and the corner loss, then a
-#    second schedule on the 4 x 4 corner pixels (encoder frozen: the latents above stay valid).
-"${T[@]}" corners --base "$W/vae.safetensors" --workdir "$W/corners" --no-bf16 --corner-init base \
-    --corner-steps 1500 --corner-lr 3e-4 --corner-warmup 50 --corner-sizes 32,48,64,80 --corner-gain 5 \
-    --corner-ramp 0,0.2 --corner-flat 2 --stage2-ema 0.995 --decoder-batch 8
-"${T[@]}" corners --base "$W/vae.safetensors" --workdir "$W/main" --no-bf16 \
-    --corner-from "$W/corners/corners_state.pt" --corner-steps 1800 --corner-lr 2e-4 --corner-warmup 50 \
-    --corner-sizes 32,48,64,80 --corner-gain 10 --corner-block 4 --corner-flat 3 --stage2-ema 0.995 \
-    --decoder-batch 8
-
-# 5. The file: VAE encoder of phase 1, decoder of phase 4, UNet and text encoder of phase 3.
+# 4. The file: the VAE of phase 1, the UNet and text encoder of phase 3.
 "${T[@]}" export --base "$W/unet.safetensors" --unet-res-blocks 2 --workdir "$W/main" --out "$OUT"

@@ -209,7 +209,7 @@ def test_unet_phase_continues_the_base_unet(tmp_path):
 
     base = ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"
     common = ["unet", "--unet-steps", "1", "--unet-batch", "2", "--unet-lr", "1e-12", "--unet-warmup", "1",
-              "--save-every", "1"]
+              "--save-every", "1", "--unet-res-blocks", "2"]  # the bundled UNet's two ResBlocks per level
     train_tiny.main(common + ["--workdir", str(_tiny_unet_workdir(tmp_path / "a")), "--base", str(base)])
     train_tiny.main(common + ["--workdir", str(_tiny_unet_workdir(tmp_path / "b"))])
     prefix = "model.diffusion_model."
@@ -351,21 +351,21 @@ def _recipe_commands(workdir: Path) -> list[list[str]]:
 
 def test_recipe_script_runs_the_phases_in_order_with_parsed_options(tmp_path, monkeypatch):
     """Every train_tiny.py command of the recipe script parses, and the phases and the options the card names
-    arrive: two ResBlocks in unet, joint and the final export, the photo share in joint, the second corners run
-    from the first one's state."""
+    arrive: latents from the VAE file in fp32, two ResBlocks in unet, joint and the exports, the photo share in
+    joint, the final export from the one workdir that holds the UNet and joint states."""
     seen = []
     for name in ("train_vae", "encode_dataset", "train_unet", "export", "train_joint", "train_corners"):
         monkeypatch.setattr(train_tiny, name, lambda args, name=name: seen.append((name, args)))
     for argv in _recipe_commands(tmp_path):
         train_tiny.main(argv)
     assert [n for n, _ in seen] == ["train_vae", "export", "encode_dataset", "train_unet", "export", "train_joint",
-                                    "train_corners", "train_corners", "export"]
+                                    "export"]
     args = [a for _, a in seen]
-    assert [a.unet_res_blocks for a in args[3:6]] == [2, 2, 2] and args[8].unet_res_blocks == 2
+    assert [a.unet_res_blocks for a in args[3:]] == [2, 2, 2, 2]
+    assert args[2].base.endswith("vae.safetensors") and not args[2].bf16
     assert args[5].photo_p == 0.15 and args[5].joint_steps == 800 and args[5].base.endswith("unet.safetensors")
-    assert args[7].corner_from == str(tmp_path / "corners" / "corners_state.pt") and args[7].corner_block == 4
-    assert args[8].out == str(tmp_path / "out.safetensors") and args[8].base.endswith("unet.safetensors")
-    assert len({a.workdir for a in args[2:6] + args[7:]}) == 1  # one workdir: export finds unet, joint, corners
+    assert args[6].out == str(tmp_path / "out.safetensors") and args[6].base.endswith("unet.safetensors")
+    assert len({a.workdir for a in args[2:]}) == 1  # one workdir: the final export finds the unet and joint states
 
 
 def test_plot_curves_one_panel_per_phase_log(tmp_path):

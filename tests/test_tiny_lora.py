@@ -134,9 +134,12 @@ def test_diffusers_names_match_diffusers_own_conversion(tiny):
 
     model = diffusers_unet(tiny.unet.state_dict(), tiny.family.unet, tiny.family.vae)
     targets = tl.unet_targets(tiny.unet)
-    assert len(targets) == 10 * 12  # 10 SpatialTransformers x (proj_in, proj_out, 2 x 4 attention, 2 ff)
+    blocks = tiny.family.unet.num_res_blocks
+    # 3 levels x (blocks down + blocks + 1 up) + the middle SpatialTransformers, each (proj_in, proj_out,
+    # 2 x 4 attention, 2 ff)
+    assert len(targets) == (3 * (2 * blocks + 1) + 1) * 12
     for name in targets:
-        theirs = model.get_submodule(tl.ldm_to_diffusers_unet_name(name, 1)).weight
+        theirs = model.get_submodule(tl.ldm_to_diffusers_unet_name(name, blocks)).weight
         assert torch.equal(theirs, tiny.unet.get_submodule(name).weight), name
 
 
@@ -154,7 +157,8 @@ def load_tensors(path):
 def test_training_is_deterministic_and_resumable(tmp_path):
     torch.set_num_threads(1)
     a = tl.train(SMALL, tmp_path / "a", tmp_path / "a.safetensors", log=lambda *_: None)
-    assert a["modules"] == 120 + 2 * 6 and a["tensors"] == 3 * a["modules"]
+    # the bundled UNet's 16 SpatialTransformers x 12 modules, the text encoder's 2 layers x 6
+    assert a["modules"] == 16 * 12 + 2 * 6 and a["tensors"] == 3 * a["modules"]
     with pytest.raises(tl.Interrupted):
         tl.train(SMALL, tmp_path / "b", tmp_path / "b.safetensors", log=lambda *_: None, stop_at=2)
     assert not (tmp_path / "b.safetensors").exists()
@@ -177,7 +181,7 @@ def test_exported_factors_reproduce_the_trained_forward(tmp_path, tiny):
                                 warmup=1, ema=0.0), tmp_path / "w", path, log=lambda *_: None)
     tensors = load_tensors(path)
     te = tiny.text_encoders[0]
-    deltas = tl.attach(tiny.unet, te, SMALL, 1, torch.Generator().manual_seed(0))
+    deltas = tl.attach(tiny.unet, te, SMALL, tiny.family.unet.num_res_blocks, torch.Generator().manual_seed(0))
     with torch.no_grad():
         for key, d in deltas.items():
             d.down.copy_(tensors[f"{key}.lora_down.weight"].flatten(1).float())
@@ -208,7 +212,7 @@ def test_shipped_lora_layout_and_size(tiny):
     assert LORA.stat().st_size < 2_000_000
     tensors = load_tensors(LORA)
     modules = {k.split(".", 1)[0] for k in tensors}
-    expected = {tl.kohya_unet_key(n, 1) for n in tl.unet_targets(tiny.unet)}
+    expected = {tl.kohya_unet_key(n, tiny.family.unet.num_res_blocks) for n in tl.unet_targets(tiny.unet)}
     assert {m for m in modules if m.startswith("lora_unet_")} == expected
     assert all(m.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for m in modules)
     with safe_open(str(LORA), "pt") as f:

@@ -148,7 +148,7 @@ def tiny_family(scale_factor: float | None = None) -> families.Family:
 
 
 def unet_config(args) -> families.UNetConfig:
-    """families.TINY's UNet, with --unet-res-blocks ResBlocks per level if given (a capacity experiment: the loader
+    """families.TINY's UNet, with --unet-res-blocks ResBlocks per level if given (1 is stage 1's UNet: the loader
     reads num_res_blocks from the file's shapes, so such a checkpoint still loads as family "tiny")."""
     from dataclasses import replace
 
@@ -757,7 +757,7 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-lr", type=float, default=8e-4)
     ap.add_argument("--unet-warmup", type=int, default=300)
     ap.add_argument("--unet-res-blocks", type=int, default=None,
-                    help="ResBlocks per UNet level (default: families.TINY's, 1)")
+                    help="ResBlocks per UNet level (default: families.TINY's, 2; stage 1 had 1)")
     ap.add_argument("--unet-bf16", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--uncond-p", type=float, default=0.1)
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)

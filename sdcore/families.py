@@ -169,10 +169,10 @@ SDXL_INPAINT = replace(SDXL, name="sdxl-inpaint", unet=replace(SDXL_UNET, in_cha
 
 # The bundled tiny model (issue 6): SD's architecture at 64 px. Numbers are chosen for a 2-core CPU; see
 # weights/README.md for the training recipe.
-# Cross-attention at every level (8x8, 4x4, 2x2 latent cells): position words need it at 8x8. One ResBlock per
-# level: the 77-token cross-attention of every transformer dominates a CPU training step. The bundled file has two
-# (issue 14: shape accuracy needed the capacity); the loader reads num_res_blocks from a file's shapes.
-TINY_UNET = UNetConfig(model_channels=64, num_res_blocks=1, channel_mult=(1, 2, 2), attention_resolutions=(4, 2, 1),
+# Cross-attention at every level (8x8, 4x4, 2x2 latent cells): position words need it at 8x8. Two ResBlocks per
+# level, as SD1 (issue 14: shape accuracy needed the capacity; the first bundled file had one, and the loader reads
+# num_res_blocks from a file's shapes, so such files still load as "tiny").
+TINY_UNET = UNetConfig(model_channels=64, num_res_blocks=2, channel_mult=(1, 2, 2), attention_resolutions=(4, 2, 1),
                        num_heads=4, transformer_depth=(1, 1, 1), context_dim=128)
 # scale_factor = 1 / std of the trained VAE's latents of 16000 training scenes (train_tiny.py "latents": std 4.795).
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, scale_factor=0.2086)

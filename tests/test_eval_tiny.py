@@ -254,21 +254,21 @@ def test_interior_speck_sees_the_centre_not_the_corners():
 
 
 def test_unet_res_blocks_exports_a_checkpoint_that_loads_as_tiny(tmp_path):
-    """--unet-res-blocks 2 trains and exports a UNet with two ResBlocks per level; the loader reads that from the
-    file's shapes and still detects family "tiny" (model_channels and context width are the tiny model's)."""
+    """--unet-res-blocks 1 trains and exports a UNet with one ResBlock per level (stage 1's, against TINY's two);
+    the loader reads that from the file's shapes and still detects family "tiny"."""
     from sdcore import load_checkpoint
 
     work = _tiny_unet_workdir(tmp_path / "w")
-    out = tmp_path / "rb2.safetensors"
-    common = ["--workdir", str(work), "--unet-res-blocks", "2"]
+    out = tmp_path / "rb1.safetensors"
+    common = ["--workdir", str(work), "--unet-res-blocks", "1"]
     train_tiny.main(["unet", "--unet-steps", "1", "--unet-batch", "2", "--unet-warmup", "1", "--save-every", "1"]
                     + common)
     train_tiny.main(["export", "--out", str(out)] + common)
     model = load_checkpoint(out)
-    assert model.family.name == "tiny" and model.family.unet.num_res_blocks == 2
+    assert model.family.name == "tiny" and model.family.unet.num_res_blocks == 1
     trained = torch.load(work / "unet_state.pt", weights_only=True)["ema"]
-    assert torch.equal(model.unet.state_dict()["input_blocks.2.0.in_layers.2.weight"].float(),
-                       trained["input_blocks.2.0.in_layers.2.weight"].half().float())
+    assert torch.equal(model.unet.state_dict()["input_blocks.3.0.in_layers.2.weight"].float(),
+                       trained["input_blocks.3.0.in_layers.2.weight"].half().float())
 
 
 def test_vae_sizes_cycle_with_flat_images_and_the_ramped_corner_loss(tmp_path, monkeypatch):

@@ -96,16 +96,13 @@ def test_training_text_features_equal_inference_encoding():
 
 @pytest.mark.skipif(not CKPT.exists(), reason="sdcore/weights/sdcore-tiny.safetensors not committed yet")
 def test_committed_checkpoint_loads_as_tiny():
-    from dataclasses import replace
-
     from sdcore.checkpoint import load_checkpoint
     from sdcore.families import TINY
 
     assert CKPT.stat().st_size <= 60e6
     sd = load_checkpoint(CKPT)
     assert sd.family.name == "tiny"
-    # TINY's UNet with the two ResBlocks per level of the bundled file (issue 14), read from its shapes
-    assert sd.family.unet == replace(TINY.unet, num_res_blocks=2) and sd.family.vae == TINY.vae
+    assert sd.family.unet == TINY.unet and sd.family.vae == TINY.vae
     assert sd.family.text[0].width == TINY.text[0].width and sd.family.text[0].layers == TINY.text[0].layers
     assert sd.alphas_cumprod.shape == (1000,)
     # Trained, not random: the VAE reconstructs synthetic scenes (eval_tiny.py measures >= 25 dB on 256 scenes).

@@ -371,11 +371,17 @@ def test_recipe_script_runs_the_phases_in_order_with_parsed_options(tmp_path, mo
 def test_plot_curves_one_panel_per_phase_log(tmp_path):
     from PIL import Image
 
-    for name, header in (("unet", "step,loss,mse"), ("corners", "step,l1,mse,corner")):
+    logs = [("a", "unet", "step,loss,mse"), ("a", "corners", "step,l1,mse,corner"), ("b", "joint", "step,loss,mse"),
+            ("b", "unet", "step,loss,mse")]
+    for folder, name, header in logs:
+        work = tmp_path / folder
         rows = [header] + [",".join([str(10 * i)] + ["%g" % (1.0 / (i + 1))] * (header.count(",")))
                            for i in range(30)]
-        (tmp_path / f"{name}_log.csv").write_text("\n".join(rows) + "\n")
-    eval_tiny.plot_curves([tmp_path], tmp_path / "c.png")
+        work.mkdir(exist_ok=True)
+        (work / f"{name}_log.csv").write_text("\n".join(rows) + "\n")
+    eval_tiny.plot_curves([tmp_path / "a"], tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size == (1000, 360)  # two panels of 5 x 3.6 in at 100 dpi
+    eval_tiny.plot_curves([tmp_path / "a", tmp_path / "b"], tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").size == (2000, 360)  # unet twice, joint, corners
     with pytest.raises(ValueError, match="no train_tiny.py log"):
-        eval_tiny.plot_curves([tmp_path / "empty"], tmp_path / "d.png")
+        eval_tiny.plot_curves([tmp_path / "empty"], tmp_path / "e.png")

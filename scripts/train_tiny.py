@@ -48,6 +48,7 @@ Usage: python scripts/train_tiny.py all --workdir /work/tiny_run  (or one phase 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -462,6 +463,30 @@ def corner_loss(rec: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
     return corners.abs().mean() + corners.pow(2).mean()
 
 
+def corner_blocks(size: int, block: int) -> torch.Tensor:
+    """bool [size, size]: True on the `block` x `block` pixels at each of the four corners (what `corner_loss`
+    reads). Raises ValueError unless 0 < block <= size."""
+    if not 0 < block <= size:
+        raise ValueError(f"block={block} must be in 1..{size} (the image side)")
+    edge = torch.zeros(size, dtype=torch.bool)
+    edge[:block] = True
+    edge[-block:] = True
+    return edge[:, None] & edge[None, :]
+
+
+def distill_loss(rec: torch.Tensor, held: torch.Tensor, block: int) -> torch.Tensor:
+    """L1 + MSE of `rec` against `held` (the starting decoder's output for the same latents) over every pixel
+    outside the four `block` px corner blocks: rec, held float [B, C, H, W]; a scalar. With it phase corners moves
+    the corners alone; the plain reconstruction loss moved the whole decoder and cost the scenes 0.9-2.3 dB
+    (weights/README.md, "The speck against the scene PSNR"). Raises ValueError for a shape mismatch."""
+    if rec.shape != held.shape or rec.ndim != 4:
+        raise ValueError(f"rec {tuple(rec.shape)} and held {tuple(held.shape)} must be the same [B, C, H, W] shape")
+    if rec.shape[-1] != rec.shape[-2]:
+        raise ValueError(f"rec {tuple(rec.shape)} must be square")
+    d = (rec - held)[..., ~corner_blocks(rec.shape[-1], block)]
+    return d.abs().mean() + d.pow(2).mean()
+
+
 def corners_batch(seed: int, step: int, batch: int, size: int, flat: int, crop: bool = False) -> torch.Tensor:
     """float32 [batch, 3, size, size] in [-1, 1]: (batch - flat) // 2 photo crops, the rest of the non-flat
     images synthetic scenes (both 64 px, or `size` px photo crops when size < 64, resized to `size` bilinearly
@@ -505,6 +530,7 @@ def train_corners(args) -> None:
     elif (work / "decoder_state.pt").exists():
         load_ema(work / "decoder_state.pt", DecoderOnly(vae))
     vae.requires_grad_(False)
+    teacher = copy.deepcopy(vae) if args.corner_distill > 0 else None
     model = DecoderOnly(vae).requires_grad_(True)
     ema = DecoderOnly(AutoencoderKL(tiny_family().vae)).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -518,11 +544,16 @@ def train_corners(args) -> None:
         with torch.no_grad():
             z = vae.encode(x).sample(step_generator(args.seed, 7, step))
         rec = vae.decode(z.float()).float()
+        corner = corner_loss(rec, x, args.corner_block)
+        gain = corner_gain_at(step, args.corner_steps, args.corner_gain, args.corner_ramp)
+        if teacher is not None:
+            with torch.no_grad():
+                held = teacher.decode(z.float()).float()
+            keep = distill_loss(rec, held, args.corner_block)
+            return args.corner_distill * keep + gain * corner, dict(keep=keep.item(), corner=corner.item())
         weight = edge_weights(size, args.edge_band, args.edge_gain)
         l1 = ((rec - x).abs() * weight).mean()
         mse = ((rec - x).pow(2) * weight).mean()
-        corner = corner_loss(rec, x, args.corner_block)
-        gain = corner_gain_at(step, args.corner_steps, args.corner_gain, args.corner_ramp)
         return l1 + mse + gain * corner, dict(l1=l1.item(), mse=mse.item(), corner=corner.item())
 
     train_loop("corners", loss_fn, model, ema, opt, start, args.corner_steps, args.corner_lr, args.corner_warmup,
@@ -784,6 +815,9 @@ def main(argv=None) -> None:
                         help="cut scenes to the corners size instead of resizing them (sizes <= 64; corners)")
     stage2.add_argument("--corner-from", default=None,
                         help="state file of an earlier decoder/corners run whose EMA decoder phase corners starts from")
+    stage2.add_argument("--corner-distill", type=float, default=0.0,
+                        help="corners: weight of distill_loss, which holds every pixel outside the corner blocks "
+                             "to the starting decoder's output, in place of the reconstruction loss (0: off)")
     stage2.add_argument("--corner-warmup", type=int, default=20, help="learning-rate warm-up steps (corners)")
     stage2.add_argument("--joint-steps", type=int, default=1500)
     stage2.add_argument("--joint-from", default=None,

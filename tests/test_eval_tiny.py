@@ -334,6 +334,41 @@ def test_corners_phase_starts_from_corner_from_state(tmp_path):
     assert not torch.allclose(ema["decoder.conv_out.weight"], want, atol=1e-3)
 
 
+def test_distill_loss_counts_everything_but_the_corner_blocks():
+    """An error of 0.5 on a 4 x 4 interior patch of a 32 x 32 image counts over the 32*32 - 4*8*8 = 768 pixels
+    outside the corner blocks (L1 = 0.5 * 16 / 768, MSE = 0.25 * 16 / 768); errors inside a corner block do not."""
+    held = torch.zeros(2, 3, 32, 32)
+    rec = held.clone()
+    rec[..., 12:16, 12:16] = 0.5
+    rec[..., -8:, -8:] = 9.0  # the bottom-right block: left to corner_loss
+    assert float(train_tiny.distill_loss(rec, held, 8)) == pytest.approx((0.5 + 0.25) * 16 / 768)
+    assert float(train_tiny.distill_loss(held, held, 8)) == 0.0
+    blocks = train_tiny.corner_blocks(32, 8)
+    assert int(blocks.sum()) == 4 * 64 and bool(blocks[0, 31]) and not bool(blocks[8, 0])
+    with pytest.raises(ValueError, match="same"):
+        train_tiny.distill_loss(rec, torch.zeros(2, 3, 32, 16), 8)
+    with pytest.raises(ValueError, match="block"):
+        train_tiny.corner_blocks(16, 17)
+
+
+def test_corners_phase_distills_from_its_starting_decoder(tmp_path):
+    """--corner-distill: the loss is the weight x distill_loss against the decoder the run starts from (so 0 at the
+    first step, where both are the same) plus the corner loss; the plain reconstruction terms are gone."""
+    import csv
+
+    base = ROOT / "sdcore" / "weights" / "sdcore-tiny.safetensors"
+    train_tiny.main(["corners", "--base", str(base), "--workdir", str(tmp_path / "w"), "--no-bf16",
+                     "--corner-distill", "3", "--corner-steps", "11", "--corner-lr", "1e-3", "--corner-gain", "2",
+                     "--corner-warmup", "1", "--corner-sizes", "32", "--decoder-batch", "2", "--corner-flat", "1",
+                     "--save-every", "100"])
+    rows = list(csv.DictReader(open(tmp_path / "w" / "corners_log.csv")))
+    assert "l1" not in rows[0] and float(rows[0]["keep"]) == 0.0
+    assert float(rows[0]["loss"]) == pytest.approx(2 * float(rows[0]["corner"]), rel=1e-5)
+    assert float(rows[1]["keep"]) > 0  # the student has moved away from its teacher after 10 steps at lr 1e-3
+    assert float(rows[1]["loss"]) == pytest.approx(3 * float(rows[1]["keep"]) + 2 * float(rows[1]["corner"]),
+                                                    rel=1e-5)
+
+
 def _recipe_commands(workdir: Path) -> list[list[str]]:
     """The train_tiny.py argument lists of scripts/train_tiny_recipe.sh, with $W and $OUT filled in."""
     import shlex

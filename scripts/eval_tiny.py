@@ -257,10 +257,27 @@ def interior_speck(images: np.ndarray, size: int = 3, context: int = 8) -> np.nd
     return corner_speck(images[:, :h, :w], "bottom_right", size, context)
 
 
+@torch.no_grad()
+def constant_latent_speck(vae, colours: np.ndarray, size: int) -> np.ndarray:
+    """Bottom-right `corner_speck` of decoding a spatially constant latent, float64 [N]: for each uint8 [N, 3] sRGB
+    colour the mean latent of a flat `size` px image of it (mode of the encoder), repeated over all
+    size/8 x size/8 cells, decoded. The latent has no edge, so a speck here is made by the decoder alone (its
+    convolutions' zero padding at the borders, normalised by GroupNorm over the whole map). Raises ValueError
+    unless `size` is a multiple of 8 and >= 16."""
+    if size % 8 or size < 16:
+        raise ValueError(f"size={size} must be a multiple of 8 and >= 16 (latent cells are 8 px)")
+    x = torch.from_numpy(np.asarray(colours, np.uint8)).float().div(127.5).sub(1)[:, :, None, None]
+    z = vae.encode(x.expand(-1, -1, size, size).contiguous()).mode().mean((-2, -1), keepdim=True)
+    decoded = to_uint8(vae.decode(z.expand(-1, -1, size // 8, size // 8).contiguous()))
+    return corner_speck(decoded)
+
+
 def eval_corners(sd, n: int = 128) -> dict:
     """VAE round trip (denoising strength 0) of `plain_images(n)`: bottom-right corner speck (mean, share of images
     above SPECK_VISIBLE), the worst of the other three corners' means, and the input's own (0 for flat images);
-    on the flat half also the bottom right against the same statistic at the centre (`interior_speck`)."""
+    on the flat half also the bottom right against the same statistic at the centre (`interior_speck`), and the
+    cause: the bottom right of a constant latent of the same colours decoded at 32, 64 and 128 px
+    (`constant_latent_speck`)."""
     images = plain_images(n)
     recon = vae_roundtrip(sd.vae, images)
     flat = recon[: n // 2]
@@ -270,6 +287,9 @@ def eval_corners(sd, n: int = 128) -> dict:
            "corner_speck_input_br_mean": float(corner_speck(images).mean()),
            "corner_speck_flat_br_mean": float(corner_speck(flat).mean()),
            "corner_speck_flat_interior_mean": float(interior_speck(flat).mean())}
+    colours = images[: n // 2, 0, 0]
+    for size in (32, 64, 128):
+        out[f"corner_speck_const_latent_{size}px"] = float(constant_latent_speck(sd.vae, colours, size).mean())
     return out
 
 

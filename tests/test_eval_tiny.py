@@ -245,6 +245,31 @@ def test_corner_gain_ramp():
         at(0, 100, 5.0, (0.7, 0.4))
 
 
+def test_constant_latent_speck_decodes_an_edgeless_latent():
+    """A decoder stand-in that shows its latent as a grey image with one cell-sized pixel block changed at the
+    bottom right gives exactly that change; one that paints nothing gives 0; the latent it receives is constant."""
+    seen = []
+
+    class Vae:
+        def encode(self, x):
+            return type("P", (), {"mode": lambda self: x[:, :1, ::8, ::8] * 0 + x.mean()})()
+
+        def decode(self, z):
+            seen.append(z)
+            image = torch.zeros(z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8)
+            image[..., -1, -1] = speck
+            return image
+
+    colours = np.array([[10, 20, 30], [200, 100, 0]], np.uint8)
+    speck = 0.0
+    assert eval_tiny.constant_latent_speck(Vae(), colours, 32).tolist() == [0.0, 0.0]
+    speck = 0.5  # sRGB 127.5 * 1.5 = 191.25 -> 191 against the grey 128 of the rest
+    assert eval_tiny.constant_latent_speck(Vae(), colours, 64).tolist() == [63.0, 63.0]
+    assert seen[-1].shape == (2, 1, 8, 8) and bool((seen[-1] == seen[-1][..., :1, :1]).all())
+    with pytest.raises(ValueError, match="size=60"):
+        eval_tiny.constant_latent_speck(Vae(), colours, 60)
+
+
 def test_interior_speck_sees_the_centre_not_the_corners():
     image = _plain((40, 80, 120), n=2)
     image[0, 31:34, 31:34] = (40, 80, 200)  # the 3 x 3 pixels centred on pixel (32, 32) of a 64 px image

@@ -32,6 +32,8 @@ Stage 2 (issue 14; phases of `stage2`, starting from the stage-1 checkpoint give
            the decoder built from its zero padding, dominating its GroupNorm statistics (so it grew with the size).
            --corner-init fresh trains a new decoder this way instead (on the same frozen encoder), with
            --corner-ramp to switch the corner loss on after the decoder has learnt to reconstruct.
+           --corner-distill W (the recipe's step 5) replaces the reconstruction loss by W x `distill_loss`, which
+           holds every pixel outside the corner blocks to the starting decoder's output, so only the corners move.
   latents  as above, with the base encoder and scale factor, also keeping each scene's emphasis weight
            (tiny_data.emphasis_weight: its size) and the caption tokens.
   joint    train the text encoder (ln_final frozen, see `make_text_unet`) and fine-tune the UNet together (or, with

@@ -522,7 +522,9 @@ def train_corners(args) -> None:
     """Phase corners: continue the decoder phase's EMA decoder (post_quant_conv + decoder, encoder frozen) with the
     edge-weighted loss plus `args.corner_gain` x `corner_loss` on the four `args.corner_block` px corner blocks, on
     images whose size cycles through `args.corner_sizes` (so the decoder cannot keep size-specific corner features:
-    the speck grew with the image size), `args.corner_flat` plain images per batch. The EMA is what export writes."""
+    the speck grew with the image size), `args.corner_flat` plain images per batch. With `args.corner_distill` > 0
+    the edge-weighted loss is replaced by that weight x `distill_loss` against a frozen copy of the decoder the run
+    starts from (the base's, or --corner-from's). The EMA is what export writes."""
     work = Path(args.workdir)
     vae = base_module(args, "first_stage_model.", AutoencoderKL(tiny_family().vae))
     if args.corner_init == "fresh":

@@ -22,6 +22,7 @@
 
 Usage: python scripts/eval_tiny.py [--ckpt sdcore/weights/sdcore-tiny.safetensors] [--json out.json] [--samples out.png]
        python scripts/eval_tiny.py --plot runs/tiny/vae runs/tiny/main --out weights/loss_curves.png   (curves only)
+       python scripts/eval_tiny.py --cfg-sweep 3 5 6 7 9   (part 3 only, at each CFG scale)
        python scripts/eval_tiny.py --corner-figure A.safetensors B.safetensors --out weights/corner_speck.png
 """
 from __future__ import annotations
@@ -118,9 +119,9 @@ def txt2img(sd, prompts: list[str], seeds: list[int], steps: int = 20, cfg_scale
     return to_uint8(sd.vae.decode(latents / sd.family.vae.scale_factor))
 
 
-def eval_prompt_following(sd) -> tuple[dict, np.ndarray]:
+def eval_prompt_following(sd, cfg_scale: float = 6.0) -> tuple[dict, np.ndarray]:
     pairs = eval_prompts()
-    images = txt2img(sd, [f"a {c} {s}" for c, s in pairs], seeds=list(range(len(pairs))))
+    images = txt2img(sd, [f"a {c} {s}" for c, s in pairs], seeds=list(range(len(pairs))), cfg_scale=cfg_scale)
     dets = [tiny_data.detect_scene(im) for im in images]
     return ({"prompt_colour_acc": float(np.mean([d.colour == c for d, (c, _) in zip(dets, pairs)])),
              "prompt_shape_acc": float(np.mean([d.shape == s for d, (_, s) in zip(dets, pairs)])),
@@ -428,6 +429,28 @@ def grid(images: np.ndarray, cols: int) -> Image.Image:
     return Image.fromarray(np.concatenate([np.concatenate(list(row), axis=1) for row in cells], axis=0))
 
 
+def check_cfg_scales(scales: list[float]) -> None:
+    """Raise ValueError unless `scales` is a non-empty list of finite numbers >= 1."""
+    if not scales:
+        raise ValueError("scales: expected at least one CFG scale, got []")
+    for s in scales:
+        if not (np.isfinite(s) and s >= 1):
+            raise ValueError(f"scales: CFG scale {s!r} is not a finite number >= 1")
+
+
+def eval_cfg_sweep(sd, scales: list[float]) -> dict:
+    """Part 3 (prompt following, same prompts and seeds) at each CFG scale of `scales`: for scale s the keys
+    `prompt_colour_acc_cfg{s}` and `prompt_shape_acc_cfg{s}` (shares in [0, 1]). Raises ValueError on an empty list
+    or a scale that is not a finite number >= 1 (below 1 the guidance moves away from the prompt)."""
+    check_cfg_scales(scales)
+    out = {}
+    for s in scales:
+        metrics, _ = eval_prompt_following(sd, cfg_scale=s)
+        out[f"prompt_colour_acc_cfg{s:g}"] = metrics["prompt_colour_acc"]
+        out[f"prompt_shape_acc_cfg{s:g}"] = metrics["prompt_shape_acc"]
+    return out
+
+
 EVALS = {"vae": eval_vae, "detector": eval_detector, "prompts": eval_prompt_following, "inpaint": eval_inpainting,
          "corners": eval_corners, "emphasis": eval_emphasis, "positions": eval_positions, "img2img": eval_img2img}
 
@@ -442,6 +465,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / "weights" / "loss_curves.png"))
     ap.add_argument("--skip", nargs="*", default=[], choices=list(EVALS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cfg-sweep", nargs="+", type=float, default=None, metavar="SCALE",
+                    help="only run prompt following (part 3) at each of these CFG scales")
     ap.add_argument("--corner-figure", nargs="+", default=None, metavar="CKPT",
                     help="only draw the bottom-right corners of VAE round trips by these checkpoints to --out")
     args = ap.parse_args(argv)
@@ -453,12 +478,21 @@ def main(argv=None) -> None:
         plot_curves([Path(w) for w in args.plot], Path(args.out))
         print(f"wrote {args.out}")
         return
+    if args.cfg_sweep:
+        try:
+            check_cfg_scales(args.cfg_sweep)
+        except ValueError as e:
+            ap.error(f"--cfg-sweep: {e}")
     torch.set_num_threads(args.threads)
     from sdcore.checkpoint import load_checkpoint
 
     sd = load_checkpoint(args.ckpt)
     if sd.family.name != "tiny":
         raise SystemExit(f"{args.ckpt} is detected as family {sd.family.name!r}, not 'tiny'")
+    if args.cfg_sweep:
+        sweep = eval_cfg_sweep(sd, args.cfg_sweep)
+        print(json.dumps(sweep, indent=1))
+        return
     metrics, pictures = {}, []
     for name, fn in EVALS.items():
         if name in args.skip:

@@ -245,6 +245,37 @@ def test_corner_gain_ramp():
         at(0, 100, 5.0, (0.7, 0.4))
 
 
+def test_cfg_sweep_passes_each_scale_and_reads_colour_and_shape(monkeypatch):
+    """A txt2img stand-in draws the prompted red circle at CFG >= 5 and a green square below: the sweep's keys
+    name each scale, and its shares are those of the detector on the drawn images (1 at 5 and 7, 0 at 3)."""
+    scales_seen = []
+
+    def fake_txt2img(sd, prompts, seeds, steps=20, cfg_scale=6.0):
+        scales_seen.append(cfg_scale)
+        colour, shape = ("red", "circle") if cfg_scale >= 5 else ("green", "square")
+        cover = tiny_data.shape_mask(shape, 32, 32, 20)[..., None]
+        rgb = np.array(tiny_data.PALETTE[colour])
+        image = np.round(np.full((64, 64, 3), 240.0) * (1 - cover) + rgb * cover).astype(np.uint8)
+        return np.stack([image] * len(prompts))
+
+    monkeypatch.setattr(eval_tiny, "eval_prompts", lambda: [("red", "circle")] * 3)
+    monkeypatch.setattr(eval_tiny, "txt2img", fake_txt2img)
+    out = eval_tiny.eval_cfg_sweep(None, [3, 5, 7.5])
+    assert scales_seen == [3, 5, 7.5]
+    assert out == {"prompt_colour_acc_cfg3": 0.0, "prompt_shape_acc_cfg3": 0.0,
+                   "prompt_colour_acc_cfg5": 1.0, "prompt_shape_acc_cfg5": 1.0,
+                   "prompt_colour_acc_cfg7.5": 1.0, "prompt_shape_acc_cfg7.5": 1.0}
+    for bad, match in (([], "at least one"), ([0.5], "0.5"), ([float("nan")], "nan")):
+        with pytest.raises(ValueError, match=match):
+            eval_tiny.eval_cfg_sweep(None, bad)
+
+
+def test_cfg_sweep_cli_rejects_a_scale_below_one_before_loading(capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_tiny.main(["--ckpt", "/nonexistent.safetensors", "--cfg-sweep", "6", "0"])
+    assert e.value.code == 2 and "--cfg-sweep: scales: CFG scale 0.0 is not a finite number >= 1" in capsys.readouterr().err
+
+
 def test_constant_latent_speck_decodes_an_edgeless_latent():
     """A decoder stand-in that shows its latent as a grey image with one cell-sized pixel block changed at the
     bottom right gives exactly that change; one that paints nothing gives 0; the latent it receives is constant."""

@@ -450,20 +450,18 @@ def test_recipe_script_runs_the_phases_in_order_with_parsed_options(tmp_path, mo
     for argv in _recipe_commands(tmp_path):
         train_tiny.main(argv)
     assert [n for n, _ in seen] == ["train_vae", "export", "encode_dataset", "train_unet", "export", "train_joint",
-                                    "train_corners", "train_corners", "export"]
+                                    "train_corners", "export"]
     args = [a for _, a in seen]
-    assert [a.unet_res_blocks for a in args[3:6] + args[8:]] == [2, 2, 2, 2]
+    assert [a.unet_res_blocks for a in args[3:6] + args[7:]] == [2, 2, 2, 2]
     assert args[2].base.endswith("vae.safetensors") and not args[2].bf16
     assert args[5].photo_p == 0.15 and args[5].joint_steps == 800 and args[5].base.endswith("unet.safetensors")
-    first, second = args[6:8]
-    assert first.base.endswith("vae.safetensors") and second.base == first.base and not first.bf16
-    assert (first.corner_steps, second.corner_steps) == (1500, 1200) and first.corner_from is None
-    assert second.corner_from == str(Path(first.workdir) / "corners_state.pt")
-    assert {a.corner_distill for a in (first, second)} == {3.0} and {a.corner_lr for a in (first, second)} == {1e-4}
-    assert first.corner_sizes == "32,48,64,80" and first.corner_block == 8 and first.corner_flat == 2
-    assert args[8].out == str(tmp_path / "out.safetensors") and args[8].base.endswith("unet.safetensors")
-    # one workdir: the final export finds the unet, joint and (second) corners states
-    assert len({a.workdir for a in args[2:6] + args[7:]}) == 1 and first.workdir != second.workdir
+    corners = args[6]
+    assert corners.base.endswith("vae.safetensors") and not corners.bf16 and corners.corner_from is None
+    assert (corners.corner_steps, corners.corner_distill, corners.corner_lr, corners.corner_gain) == (2600, 5.0, 5e-4, 10)
+    assert corners.corner_sizes == "32,48,64,80" and corners.corner_block == 8 and corners.corner_flat == 2
+    assert args[7].out == str(tmp_path / "out.safetensors") and args[7].base.endswith("unet.safetensors")
+    # one workdir: the final export finds the unet, joint and corners states
+    assert len({a.workdir for a in args[2:]}) == 1
 
 
 def test_plot_curves_one_panel_per_phase_log(tmp_path):

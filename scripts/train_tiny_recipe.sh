@@ -30,7 +30,7 @@ mkdir -p "$W"
 # 4. Decoder corners on the frozen encoder: the corner loss on the 8 px corner blocks while every other pixel is
 #    held to the starting decoder's output (--corner-distill), sizes 32-80 px, two plain images per batch.
 "${T[@]}" corners --base "$W/vae.safetensors" --workdir "$W/main" --corner-steps 2600 \
-    --no-bf16 --stage2-ema 0.995 --decoder-batch 8 --corner-warmup 50 --corner-lr 5e-4 \
+    --no-bf16 --stage2-ema 0.995 --decoder-batch 8 --corner-warmup 50 --corner-lr 1e-3 \
     --corner-sizes 32,48,64,80 --corner-gain 10 --corner-block 8 --corner-flat 2 --corner-distill 5
 
 # 5. The file: the VAE of phase 1 with phase 4's decoder, the UNet and text encoder of phase 3.

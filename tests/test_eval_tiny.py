@@ -457,7 +457,7 @@ def test_recipe_script_runs_the_phases_in_order_with_parsed_options(tmp_path, mo
     assert args[5].photo_p == 0.15 and args[5].joint_steps == 800 and args[5].base.endswith("unet.safetensors")
     corners = args[6]
     assert corners.base.endswith("vae.safetensors") and not corners.bf16 and corners.corner_from is None
-    assert (corners.corner_steps, corners.corner_distill, corners.corner_lr, corners.corner_gain) == (2600, 5.0, 5e-4, 10)
+    assert (corners.corner_steps, corners.corner_distill, corners.corner_lr, corners.corner_gain) == (2600, 5.0, 1e-3, 10)
     assert corners.corner_sizes == "32,48,64,80" and corners.corner_block == 8 and corners.corner_flat == 2
     assert args[7].out == str(tmp_path / "out.safetensors") and args[7].base.endswith("unet.safetensors")
     # one workdir: the final export finds the unet, joint and corners states

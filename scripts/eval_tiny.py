@@ -54,11 +54,16 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (the inverse of `to_uint8` on its grid)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 @torch.no_grad()
 def vae_roundtrip(vae, images: np.ndarray, chunk: int = 64) -> np.ndarray:
     out = []
     for i in range(0, len(images), chunk):
-        x = torch.from_numpy(images[i:i + chunk]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = from_uint8(images[i:i + chunk])
         out.append(to_uint8(vae.decode(vae.encode(x).mode())))
     return np.concatenate(out)
 
@@ -149,7 +154,7 @@ def inpaint_direct(sd, photo: Image.Image, inside: np.ndarray, prompt: str, seed
     from sdcore.sampling.schedules import get_sigmas_karras
 
     src = np.asarray(photo)
-    x = torch.from_numpy(src[None]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = from_uint8(src[None])
     init_latent = sd.vae.encode(x).mode() * sd.family.vae.scale_factor
     h = init_latent.shape[-1]
     latent_mask = Image.fromarray((inside * 255).astype(np.uint8)).resize((h, h), Image.LANCZOS)
@@ -267,8 +272,9 @@ def constant_latent_speck(vae, colours: np.ndarray, size: int) -> np.ndarray:
     unless `size` is a multiple of 8 and >= 16."""
     if size % 8 or size < 16:
         raise ValueError(f"size={size} must be a multiple of 8 and >= 16 (latent cells are 8 px)")
-    x = torch.from_numpy(np.asarray(colours, np.uint8)).float().div(127.5).sub(1)[:, :, None, None]
-    z = vae.encode(x.expand(-1, -1, size, size).contiguous()).mode().mean((-2, -1), keepdim=True)
+    colours = np.asarray(colours, np.uint8)
+    flat = np.broadcast_to(colours[:, None, None], (len(colours), size, size, 3))
+    z = vae.encode(from_uint8(flat)).mode().mean((-2, -1), keepdim=True)
     decoded = to_uint8(vae.decode(z.expand(-1, -1, size // 8, size // 8).contiguous()))
     return corner_speck(decoded)
 

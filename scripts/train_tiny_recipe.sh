@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe of the bundled tiny model (weights/README.md, "Recipe", numbered as its steps): the phases of
-# scripts/train_tiny.py in order, with the options the shipped file was made with. Every training phase resumes from its saved state and an export
-# that already exists is kept, so rerunning this script after an interruption continues where it stopped.
+# scripts/train_tiny.py in order, with the options the shipped file was made with. Every training phase resumes
+# from its saved state and an export that already exists is kept, so rerunning this script after an interruption
+# continues where it stopped.
 # Each workdir's cpu_seconds.json adds up the CPU time of its phases (the card's budget table).
 # Usage: scripts/train_tiny_recipe.sh [WORKDIR] [OUT]    (defaults: runs/tiny, WORKDIR/sdcore-tiny.safetensors)
 set -euo pipefail
